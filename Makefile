@@ -1,0 +1,32 @@
+# medusa-cli developer entry points. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := out/demo
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# End to end on a small generated checkpoint: example -> convert -> compile -> verify.
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/medusa example $(DEMO)/ckpt --preset tiny --layout medusa1 --seed 0
+	$(BIN)/medusa inspect $(DEMO)/ckpt
+	$(BIN)/medusa convert $(DEMO)/ckpt -o $(DEMO)/params --quantization q0f32
+	$(BIN)/medusa inspect $(DEMO)/params
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out bench-out .pytest_cache

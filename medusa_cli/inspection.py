@@ -1,0 +1,120 @@
+"""`medusa inspect`: what a checkpoint, a packed directory or a compiled library holds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .checkpoint import BASE_LM_HEAD_NAMES, Checkpoint, read_config_hints
+from .config import CONFIG_FILE, TENSOR_CACHE_FILE, read_packed_config
+from .convert import config_disagreements, plan_conversion
+
+
+@dataclasses.dataclass
+class InspectReport:
+    kind: str  # "checkpoint", "packed" or "library"
+    path: Path
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    param_count: int
+    param_bytes: int
+    layout: str | None = None
+    quantization: str | None = None
+    files: list[str] = dataclasses.field(default_factory=list)
+    ignored_tensors: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def inspect_checkpoint(path: Path, layout: str = "auto") -> InspectReport:
+    with Checkpoint(path) as ckpt:
+        plan, available = plan_conversion(ckpt, layout, None, None)
+        config_path, hints = read_config_hints(path)
+        warnings = [d.message(config_path) for d in config_disagreements(plan, hints, available)]
+        param_bytes = sum(ckpt.nbytes(n) for n in plan.head_tensor_names())
+        param_bytes += sum(ckpt.nbytes(name) for _, name in plan.lm_heads)
+        shared = sum(1 for _, name in plan.lm_heads if name in BASE_LM_HEAD_NAMES)
+        extra = {"heads_using_base_lm_head": shared} if shared else {}
+        return InspectReport(
+            kind="checkpoint",
+            path=Path(path),
+            layout=plan.layout.name,
+            num_heads=plan.num_heads,
+            num_layers=plan.num_layers,
+            hidden_size=plan.hidden_size,
+            vocab_size=plan.vocab_size,
+            dtype=str(plan.source_dtype),
+            param_count=plan.param_count(),
+            param_bytes=param_bytes,
+            files=[str(p) for p in ckpt.files],
+            ignored_tensors=plan.ignored,
+            warnings=warnings,
+            extra=extra,
+        )
+
+
+def inspect_packed(path: Path) -> InspectReport:
+    from .quant import get_scheme
+    from .tensor_cache import read_tensor_cache
+
+    packed = read_packed_config(path)
+    cache = read_tensor_cache(path)
+    model = packed.model
+    scheme = get_scheme(packed.quantization)
+    per_head = model.medusa_num_layers * (model.hidden_size + 1) * model.hidden_size
+    return InspectReport(
+        kind="packed",
+        path=Path(path),
+        layout=packed.source.get("layout"),
+        quantization=packed.quantization,
+        num_heads=model.medusa_num_heads,
+        num_layers=model.medusa_num_layers,
+        hidden_size=model.hidden_size,
+        vocab_size=model.vocab_size,
+        dtype=scheme.model_dtype,
+        param_count=model.medusa_num_heads * (per_head + model.vocab_size * model.hidden_size),
+        param_bytes=cache.param_bytes,
+        files=[TENSOR_CACHE_FILE, CONFIG_FILE] + [s["dataPath"] for s in cache.shards],
+        extra={"source": packed.source.get("path"), "tensors": len(cache.tensors),
+               "bits_per_param": round(cache.metadata.get("BitsPerParam", 0.0), 3)},
+    )
+
+
+def inspect_path(path: Path) -> InspectReport:
+    path = Path(path)
+    if path.is_dir() and (path / TENSOR_CACHE_FILE).is_file():
+        return inspect_packed(path)
+    if path.is_file() and path.suffix in (".so", ".tar", ".dylib", ".dll"):
+        from .compile import read_library_metadata
+
+        meta = read_library_metadata(path)
+        config = meta.get("model_config", {})
+        return InspectReport(
+            kind="library",
+            path=path,
+            quantization=meta.get("quantization"),
+            num_heads=config.get("medusa_num_heads", 0),
+            num_layers=config.get("medusa_num_layers", 0),
+            hidden_size=config.get("hidden_size", 0),
+            vocab_size=config.get("vocab_size", 0),
+            dtype=meta.get("dtype", ""),
+            param_count=sum(_prod(p["shape"]) for p in meta.get("params", [])),
+            param_bytes=meta.get("memory_usage", {}).get("params_bytes", 0) if isinstance(meta.get("memory_usage"), dict) else 0,
+            extra={"target": meta.get("target"), "params": len(meta.get("params", []))},
+        )
+    return inspect_checkpoint(path)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out

@@ -1,0 +1,217 @@
+"""The packed parameter format of MLC-LLM and tvm.contrib.tvmjs: tensor-cache.json + params_shard_N.bin.
+
+Tensors are written as they arrive, one at a time; a shard is closed once the next tensor
+would take it past the cap. Every tensor is stored "raw" (never tvmjs' default f32-to-bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .config import TENSOR_CACHE_FILE
+from .errors import ParamsError
+
+SHARD_CAP_BYTES = 32 * 1024 * 1024
+_MD5_CHUNK = 1 << 22
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """TVM's name for a numpy dtype (ml_dtypes' bfloat16 included)."""
+    return str(array.dtype)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    byte_offset: int
+    shard: str
+
+
+@dataclasses.dataclass
+class TensorCache:
+    """The contents of a tensor-cache.json: its metadata and every tensor's place."""
+
+    metadata: dict
+    shards: list[dict]  # {"dataPath", "nbytes", "md5sum"}
+    tensors: list[TensorRecord]
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(shard["nbytes"] for shard in self.shards)
+
+    def by_name(self) -> dict[str, TensorRecord]:
+        return {t.name: t for t in self.tensors}
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, index: int):
+        self.name = f"params_shard_{index}.bin"
+        self.file = open(out_dir / self.name, "wb")
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.nbytes = 0
+        self.records: list[dict] = []
+
+    def append(self, name: str, array: np.ndarray) -> TensorRecord:
+        data = np.ascontiguousarray(array)
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        self.file.write(view)
+        self.md5.update(view)
+        record = TensorRecord(
+            name=name,
+            shape=tuple(int(d) for d in data.shape),
+            dtype=dtype_name(data),
+            nbytes=data.nbytes,
+            byte_offset=self.nbytes,
+            shard=self.name,
+        )
+        self.nbytes += data.nbytes
+        self.records.append(
+            {
+                "name": record.name,
+                "shape": list(record.shape),
+                "dtype": record.dtype,
+                "format": "raw",
+                "nbytes": record.nbytes,
+                "byteOffset": record.byte_offset,
+            }
+        )
+        return record
+
+    def close(self) -> dict:
+        self.file.close()
+        return {
+            "dataPath": self.name,
+            "format": "raw-shard",
+            "nbytes": self.nbytes,
+            "records": self.records,
+            "md5sum": self.md5.hexdigest(),
+        }
+
+
+def write_tensor_cache(
+    out_dir: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    source_param_count: int | None = None,
+    shard_cap_bytes: int = SHARD_CAP_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> TensorCache:
+    """Write `tensors` (consumed one at a time) into out_dir, then tensor-cache.json.
+
+    source_param_count: parameters of the unquantized model, for BitsPerParam (defaults to
+    the stored element count). progress receives the bytes of each tensor once written.
+    """
+    out_dir = Path(out_dir)
+    shard_records: list[dict] = []
+    tensors_out: list[TensorRecord] = []
+    stored_elements = 0
+    shard: _ShardWriter | None = None
+    try:
+        for name, array in tensors:
+            if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
+                shard_records.append(shard.close())
+                shard = None
+            if shard is None:
+                shard = _ShardWriter(out_dir, len(shard_records))
+            tensors_out.append(shard.append(name, array))
+            stored_elements += array.size
+            if progress is not None:
+                progress(array.nbytes)
+            del array
+        if shard is not None:
+            shard_records.append(shard.close())
+            shard = None
+    finally:
+        if shard is not None:
+            shard.file.close()
+
+    param_bytes = sum(s["nbytes"] for s in shard_records)
+    param_count = source_param_count or stored_elements
+    metadata = {
+        "ParamSize": len(tensors_out),
+        "ParamBytes": param_bytes,
+        "BitsPerParam": param_bytes * 8.0 / param_count if param_count else 0.0,
+    }
+    manifest = {"metadata": metadata, "records": shard_records}
+    (out_dir / TENSOR_CACHE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    shards = [{k: s[k] for k in ("dataPath", "nbytes", "md5sum")} for s in shard_records]
+    return TensorCache(metadata=metadata, shards=shards, tensors=tensors_out)
+
+
+def read_tensor_cache(params_dir: Path) -> TensorCache:
+    path = Path(params_dir) / TENSOR_CACHE_FILE
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; is {params_dir} a directory written by `medusa convert`?")
+    try:
+        manifest = json.loads(path.read_text())
+        tensors = []
+        shards = []
+        for shard in manifest["records"]:
+            shards.append({k: shard[k] for k in ("dataPath", "nbytes", "md5sum")})
+            for rec in shard["records"]:
+                tensors.append(
+                    TensorRecord(
+                        name=rec["name"],
+                        shape=tuple(rec["shape"]),
+                        dtype=rec["dtype"],
+                        nbytes=rec["nbytes"],
+                        byte_offset=rec["byteOffset"],
+                        shard=shard["dataPath"],
+                    )
+                )
+        return TensorCache(metadata=manifest["metadata"], shards=shards, tensors=tensors)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ParamsError(f"{path}: malformed tensor cache ({exc!r}); re-run `medusa convert`") from None
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_MD5_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_integrity(params_dir: Path, cache: TensorCache | None = None) -> TensorCache:
+    """Check every shard's size and md5 against tensor-cache.json; raise ParamsError naming the file."""
+    params_dir = Path(params_dir)
+    cache = cache or read_tensor_cache(params_dir)
+    for shard in cache.shards:
+        path = params_dir / shard["dataPath"]
+        if not path.is_file():
+            raise ParamsError(f"{path}: shard listed in {TENSOR_CACHE_FILE} is missing")
+        size = path.stat().st_size
+        if size != shard["nbytes"]:
+            raise ParamsError(
+                f"{path}: shard is {size} bytes, {TENSOR_CACHE_FILE} says {shard['nbytes']}; "
+                "the directory is corrupted, re-run `medusa convert`"
+            )
+        if shard.get("md5sum") and file_md5(path) != shard["md5sum"]:
+            raise ParamsError(
+                f"{path}: md5 mismatch against {TENSOR_CACHE_FILE}; the shard is corrupted, "
+                "re-run `medusa convert`"
+            )
+    return cache
+
+
+def load_array(params_dir: Path, record: TensorRecord) -> np.ndarray:
+    """One tensor as a numpy array, memory-mapped from its shard."""
+    mm = np.memmap(Path(params_dir) / record.shard, dtype=np.uint8, mode="r",
+                   offset=record.byte_offset, shape=(record.nbytes,))
+    return mm.view(numpy_dtype(record.dtype)).reshape(record.shape)
