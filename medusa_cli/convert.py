@@ -7,8 +7,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -127,10 +129,13 @@ def config_disagreements(plan: HeadPlan, hints: dict, available_heads: int) -> l
     ]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256; None if `stop` was set before it finished."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
+            if stop is not None and stop.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -235,6 +240,13 @@ def convert_checkpoint(
         total_bytes += sum(
             (ckpt if key == "checkpoint" else lm_head_ckpt).nbytes(name) for key, name in plan.lm_heads
         )
+        source_files = list(ckpt.files) + (list(lm_head_ckpt.files) if lm_head_ckpt else [])
+        # Source digests are computed beside the conversion, on a thread of their own.
+        stop_hashing = threading.Event()
+        hasher = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256"))
+        stack.callback(stop_hashing.set)
+        digests = {p: hasher.submit(sha256_file, p, stop_hashing) for p in source_files}
+
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         try:
@@ -246,13 +258,12 @@ def convert_checkpoint(
                                   total_bytes, progress),
                 source_param_count=plan.param_count(),
             )
-            source_files = list(ckpt.files) + (list(lm_head_ckpt.files) if lm_head_ckpt else [])
             provenance = {
                 "path": str(Path(request.source).resolve()),
                 "layout": plan.layout.name,
                 "source_dtype": str(plan.source_dtype),
                 "files": {
-                    str(p.resolve()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                    str(p.resolve()): {"sha256": digests[p].result(), "bytes": p.stat().st_size}
                     for p in source_files
                 },
                 "head_tensors": len(plan.head_tensor_names()) + plan.num_heads,

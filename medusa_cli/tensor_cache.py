@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +62,29 @@ class TensorCache:
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: Path, index: int):
+    """One shard file. Its md5 runs on `hasher`, one tensor behind the writes, so hashing a
+    tensor overlaps with reading and converting the next; at most one tensor waits for it."""
+
+    def __init__(self, out_dir: Path, index: int, hasher: ThreadPoolExecutor):
         self.name = f"params_shard_{index}.bin"
         self.file = open(out_dir / self.name, "wb")
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.nbytes = 0
         self.records: list[dict] = []
+        self._hasher = hasher
+        self._pending: Future | None = None
+
+    def _wait_for_hash(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
 
     def append(self, name: str, array: np.ndarray) -> TensorRecord:
         data = np.ascontiguousarray(array)
         view = memoryview(data.reshape(-1).view(np.uint8))
         self.file.write(view)
-        self.md5.update(view)
+        self._wait_for_hash()
+        self._pending = self._hasher.submit(self.md5.update, view)
         record = TensorRecord(
             name=name,
             shape=tuple(int(d) for d in data.shape),
@@ -95,6 +107,7 @@ class _ShardWriter:
         return record
 
     def close(self) -> dict:
+        self._wait_for_hash()
         self.file.close()
         return {
             "dataPath": self.name,
@@ -122,13 +135,14 @@ def write_tensor_cache(
     tensors_out: list[TensorRecord] = []
     stored_elements = 0
     shard: _ShardWriter | None = None
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5")
     try:
         for name, array in tensors:
             if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
                 shard_records.append(shard.close())
                 shard = None
             if shard is None:
-                shard = _ShardWriter(out_dir, len(shard_records))
+                shard = _ShardWriter(out_dir, len(shard_records), hasher)
             tensors_out.append(shard.append(name, array))
             stored_elements += array.size
             if progress is not None:
@@ -140,6 +154,7 @@ def write_tensor_cache(
     finally:
         if shard is not None:
             shard.file.close()
+        hasher.shutdown(wait=True, cancel_futures=True)
 
     param_bytes = sum(s["nbytes"] for s in shard_records)
     param_count = source_param_count or stored_elements
