@@ -251,5 +251,51 @@ def convert(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# medusa tree
+
+
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        "    medusa tree mc_sim_7b_63 -o buffers.npz\n\n"
+        "    medusa tree my_tree.json --topk 8 --json"
+    )
+)
+def tree(
+    choices: str = typer.Argument(..., help="A shipped tree (mc_sim_7b_63, vicuna_7b_stage2, ...) or a JSON file of paths."),
+    topk: int = typer.Option(10, help="Candidates per head (each path index must be below this)."),
+    num_heads: Optional[int] = typer.Option(None, help="Refuse trees deeper than this many heads."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the buffers to this .npz file."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Build the Medusa tree buffers (attention mask, tree/retrieve indices, position ids)."""
+    from .tree import build_buffers, describe, load_tree
+
+    with _handle_errors(verbose):
+        medusa_tree = load_tree(choices, topk=topk, num_heads=num_heads)
+        buffers = build_buffers(medusa_tree, topk)
+        written = buffers.to_npz(output) if output is not None else None
+        summary = describe(medusa_tree, topk)
+    if written is not None:
+        summary["output"] = str(written)
+    if json_out:
+        _emit_json(summary)
+        return
+    rows = [
+        ("nodes (with root)", summary["nodes"]),
+        ("depth", summary["depth"]),
+        ("nodes per depth", ", ".join(map(str, summary["nodes_per_depth"]))),
+        ("leaves", summary["leaves"]),
+        ("tree candidates", "x".join(map(str, summary["candidates"]["tree"]))),
+        ("cartesian candidates", "x".join(map(str, summary["candidates"]["cartesian"]))),
+        ("top-k", topk),
+    ]
+    if written is not None:
+        rows.append(("buffers", str(written)))
+    err.print(_key_value_table(f"tree {summary['name']}", rows))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

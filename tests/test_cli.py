@@ -103,3 +103,26 @@ def test_help_has_examples():
         result = run(command, "--help")
         assert result.exit_code == 0
         assert "Examples" in result.stdout and f"medusa {command}" in result.stdout
+
+
+def test_tree_command_writes_buffers_and_json(tmp_path: Path):
+    import numpy as np
+
+    out = tmp_path / "b.npz"
+    result = run("tree", "mc_sim_7b_63", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["nodes"], summary["depth"], summary["leaves"]) == (64, 4, 42)
+    with np.load(out) as buffers:
+        assert buffers["medusa_attn_mask"].shape == (64, 64)
+        assert buffers["retrieve_indices"].shape == (42, 5)
+
+
+def test_tree_command_rejects_an_invalid_tree(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[0], [0, 1], [2, 0]]")
+    out = tmp_path / "b.npz"
+    result = run("tree", bad, "-o", out)
+    assert result.exit_code == 2
+    assert "[2, 0]" in result.stderr and "[2]" in result.stderr
+    assert not out.exists()

@@ -366,3 +366,18 @@ def test_load_array_memory_maps_the_shard(make_example, tmp_path, tiny_config):
     out = _convert(example.output, tmp_path / "p").output
     record = read_tensor_cache(out).by_name()["medusa_head.0.1.weight"]
     assert same_bits(load_array(out, record), reference_tensors(tiny_config)["medusa_head.0.1.weight"])
+
+
+def test_pickle_that_calls_os_system_is_refused_and_never_runs(tmp_path):
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    payload = f"cposix\nsystem\n(Vtouch {marker}\ntR.".encode()
+    src = tmp_path / "medusa_lm_head.pt"
+    with zipfile.ZipFile(src, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+    message = _assert_refused(tmp_path, src, "posix.system")
+    assert str(src) in message
+    assert not marker.exists()
