@@ -1,4 +1,4 @@
-"""Quantization schemes and numpy group quantization: one table shared by convert, compile and the oracle.
+"""Quantization schemes (one table for convert, compile and the oracle) and numpy group quantization.
 
 Group quantization follows MLC-LLM's GroupQuantize bit for bit ("NK" layout, uint32 storage):
   q_weight [out, ceil(in / group) * (group // per_u32)] uint32, per_u32 = 32 // bits
@@ -6,10 +6,11 @@ Group quantization follows MLC-LLM's GroupQuantize bit for bit ("NK" layout, uin
   scale = max|w| / max_int,  q = clamp(round(w / scale + max_int), 0, 2 * max_int)
   element k of a row is packed at bit (k % per_u32) * bits of word k // per_u32;
   positions past `in` in the last group hold code 0 and do not enter max|w|.
-Arithmetic happens in the model dtype, each operation rounded to it, as in MLC-LLM (whose loader
-casts a weight to the model dtype before quantizing it). round() is ties-to-even: TVM 0.27 lowers
-tir.round to nearbyint/rint on llvm, cuda, rocm and metal. A group of zeros has scale 0; 0/0 is
-NaN and TVM's max(NaN, 0) selects 0, so its codes are 0 and it dequantizes to exactly 0.
+Values are cast to the model dtype first, as MLC-LLM's loader does before quantizing. Arithmetic
+then rounds like the TVM kernel: every float16 operation to float16; bfloat16 arithmetic runs in
+float32 and only the stored scale is rounded to bfloat16. round() is ties-to-even: TVM 0.27 lowers
+tir.round to nearbyint/hrint/rint on llvm, cuda, rocm and metal. A group of zeros has scale 0;
+0/0 is NaN and TVM's max(NaN, 0) selects 0, so its codes are 0 and it dequantizes to exactly 0.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 # cache and bound peak memory whatever the matrix.
 _CHUNK_ELEMENTS = 1 << 18
 
-# Low mantissa bits of a float32 dropped when rounding to each model dtype (23 - stored bits).
-_DROPPED_BITS = {"float16": 13, "bfloat16": 16}
+# The dtype TVM evaluates elementwise arithmetic in, per model dtype: float16 natively (every
+# operation rounded to float16); bfloat16 is legalized to float32 and rounded only where a stage
+# is stored, such as q_scale. Checked bit for bit against TVM 0.27 kernels on llvm.
+_ARITHMETIC_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -116,22 +119,26 @@ def cast_to(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return array.astype(target)
 
 
-def _round_in_place(x: np.ndarray, model_dtype: str) -> None:
-    """Round float32 `x` to the nearest value of `model_dtype` (ties to even), kept as float32.
+def _round_arithmetic_in_place(x: np.ndarray, model_dtype: str) -> None:
+    """Round float32 `x` as TVM rounds an arithmetic result in `model_dtype`.
 
-    Carries the dropped mantissa bits into the kept ones on the int32 view, so it costs a few
-    integer passes instead of two dtype conversions. Correct for finite values in the model
-    dtype's normal range and for inf/NaN; float16 subnormals keep too many bits, which the
-    callers below make harmless (see _quantize_rows).
+    Only float16 needs work. Rounding to nearest even carries the 13 dropped mantissa bits into
+    the kept ones on the int32 view: a few integer passes instead of two dtype conversions.
+    Correct for inf/NaN and values in float16's normal range; float16 subnormals keep too many
+    bits, which _quantize_rows makes harmless.
     """
-    dropped = _DROPPED_BITS.get(model_dtype)
-    if dropped is None:  # float32: numpy already rounded the float32 operation
-        return
+    if _ARITHMETIC_DTYPE[model_dtype] != "float16":
+        return  # numpy already rounded each float32 operation
     bits = x.view(np.uint32)
-    kept_lsb = (bits >> dropped) & 1
-    kept_lsb += (1 << (dropped - 1)) - 1
-    bits += kept_lsb
-    bits &= np.uint32((0xFFFFFFFF >> dropped) << dropped)
+    carry = np.right_shift(bits, 13)
+    carry &= 1  # the lowest kept bit breaks ties towards even
+    carry += (1 << 12) - 1
+    bits += carry
+    bits &= np.uint32(0xFFFFE000)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype in NUMPY_DTYPES.values()
 
 
 def _require_quantized(scheme: QuantScheme) -> None:
@@ -153,33 +160,38 @@ def _quantize_rows(
     w[:, :in_features] = cast_to(rows, scheme.model_dtype)
     w_groups = w.reshape(n, groups, scheme.group_size)  # (n, groups, group)
 
-    # max|w| is exact in any dtype and zero padding cannot raise it. The division is rounded to
-    # float32, then to the model dtype: correct rounding, since float32 carries more than twice
-    # the significand bits of float16 or bfloat16, plus two.
-    max_abs = np.abs(w_groups).max(axis=2)  # (n, groups)
+    # max|w| is exact in any dtype, and zero padding cannot raise it. Clearing the sign bit is
+    # abs(); non-negative floats order like their bit patterns, so the max runs on integers.
+    magnitudes = w_groups.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    max_abs = magnitudes.max(axis=2).view(np.float32)  # (n, groups)
+    # The division is rounded to float32, then to the model dtype: still correctly rounded,
+    # since float32 carries more than twice the significand bits of float16 or bfloat16, plus two.
     scale = cast_to(max_abs / max_int, scheme.model_dtype)
     q_scale[...] = scale
 
-    # code = clamp(round(w / scale + max_int)), each operation rounded to the model dtype. A
-    # quotient in the float16 subnormal range (< 2**-14) is absorbed by "+ max_int" whatever its
-    # last bits, so the fast rounding's extra precision there never changes a code.
+    # code = clamp(round(w / scale + max_int)), each operation rounded as TVM rounds it. A float16
+    # quotient in the subnormal range (< 2**-14) is absorbed by "+ max_int" whatever its last
+    # bits, so the fast rounding's extra precision there never changes a code.
     with np.errstate(divide="ignore", invalid="ignore"):
         np.divide(w_groups, scale.astype(np.float32)[:, :, None], out=w_groups)
-    _round_in_place(w, scheme.model_dtype)
+    _round_arithmetic_in_place(w, scheme.model_dtype)
     w += max_int
-    _round_in_place(w, scheme.model_dtype)
-    np.rint(w, out=w)
+    _round_arithmetic_in_place(w, scheme.model_dtype)
     # fmax(NaN, 0) = 0 like TVM's max(x, 0) = select(x > 0, x, 0): a zero group gets code 0.
+    # Clamping to integer bounds before rounding gives the same codes as after.
     np.fmax(w, 0, out=w)
     np.fmin(w, 2 * max_int, out=w)
-    codes = w.astype(np.uint32)
+    # Adding 2**23 rounds a value in [0, 2**23) to an integer k, ties to even, and leaves the
+    # bit pattern 0x4B000000 + k: round() and the conversion to uint32 in two passes.
+    w += np.float32(1 << 23)
+    codes = w.view(np.uint32)
+    codes -= np.uint32(0x4B000000)
     codes[:, in_features:] = 0  # MLC-LLM packs 0 past the row's end
 
     codes = codes.reshape(n, -1, scheme.per_storage)  # (n, words, per_storage)
-    packed = codes[:, :, 0].copy()
+    q_weight[...] = codes[:, :, 0]
     for position in range(1, scheme.per_storage):
-        packed |= codes[:, :, position] << np.uint32(position * scheme.bits)
-    q_weight[...] = packed
+        q_weight |= codes[:, :, position] << np.uint32(position * scheme.bits)
 
 
 def _rows_per_chunk(row_elements: int) -> int:
@@ -196,6 +208,8 @@ def quantize_weight(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray
     _require_quantized(scheme)
     if weight.ndim != 2 or weight.shape[1] == 0:
         raise InputError(f"weight to quantize has shape {weight.shape}, expected [out, in] with in > 0")
+    if not _is_float(weight.dtype):
+        raise InputError(f"weight to quantize has dtype {weight.dtype}, expected a float dtype")
     out_features, in_features = weight.shape
     q_weight = np.empty((out_features, scheme.packed_words(in_features)), np.uint32)
     q_scale = np.empty((out_features, scheme.num_groups(in_features)), numpy_dtype(scheme.model_dtype))
@@ -288,6 +302,8 @@ def convert_tensor(name: str, array: np.ndarray, scheme: QuantScheme) -> list[tu
         raise InputError(f"tensor '{name}': expected a Linear '.weight' or '.bias'")
     if array.ndim != expected_ndim:
         raise InputError(f"tensor '{name}' has shape {tuple(array.shape)}, expected {expected_ndim}-D")
+    if not _is_float(array.dtype):
+        raise InputError(f"tensor '{name}' has dtype {array.dtype}, expected a float dtype")
     if kind == "weight" and scheme.is_quantized:
         q_weight_name, q_scale_name = quantized_names(name)
         q_weight, q_scale = quantize_weight(array, scheme)
