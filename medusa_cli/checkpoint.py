@@ -36,6 +36,8 @@ class Layout:
     lm_head: str
     # True where head tensors share the file with a base model's tensors, which are skipped
     mixed_with_base: bool = False
+    # Optional prefixes some exports put before every name of this layout
+    optional_prefixes: tuple[str, ...] = ()
 
     def templates(self) -> dict[str, str]:
         return {LAYER_WEIGHT: self.layer_weight, LAYER_BIAS: self.layer_bias, LM_HEAD: self.lm_head}
@@ -53,9 +55,11 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("trtllm", "TensorRT-LLM / ModelOpt Medusa heads",
            "medusa_heads.{h}.medusa_layers.{l}.linear.weight",
            "medusa_heads.{h}.medusa_layers.{l}.linear.bias", "medusa_heads.{h}.lm_head.weight"),
-    # vLLM's Medusa draft model (vllm/model_executor/models/medusa.py)
+    # vLLM's Medusa draft model (vllm/model_executor/models/medusa.py); its loader strips a
+    # leading "medusa_heads." that some exports carry
     Layout("vllm", "vLLM Medusa draft model", "blocks.{h}.layers.{l}.weight",
-           "blocks.{h}.layers.{l}.bias", "lm_heads.{h}.weight"),
+           "blocks.{h}.layers.{l}.bias", "lm_heads.{h}.weight",
+           optional_prefixes=("medusa_heads.",)),
     # MLC-LLM parameter names: what `medusa convert` writes
     Layout("mlc", "MLC-LLM parameter names (medusa convert's output names)",
            "medusa_head.{h}.{l}.linear.weight", "medusa_head.{h}.{l}.linear.bias",
@@ -73,21 +77,24 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "hidden_size": ("hidden_size",),
     "vocab_size": ("vocab_size",),
     "base_model_name_or_path": ("base_model_name_or_path", "base_model"),
+    # vLLM: one lm_heads.0 shared by every head
+    "original_lm_head": ("original_lm_head",),
 }
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
+def _template_regex(template: str, optional_prefixes: tuple[str, ...] = ()) -> re.Pattern[str]:
     pattern = re.escape(template)
     pattern = pattern.replace(r"\{h\}", r"(?P<h>\d+)")
     pattern = pattern.replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{L\}", r"(?P<l>\d+)")
-    return re.compile(f"^{pattern}$")
+    prefix = "".join(f"(?:{re.escape(p)})?" for p in optional_prefixes)
+    return re.compile(f"^{prefix}{pattern}$")
 
 
 _LAYOUT_REGEXES: dict[str, dict[str, re.Pattern[str]]] = {
-    layout.name: {role: _template_regex(t) for role, t in layout.templates().items()}
+    layout.name: {role: _template_regex(t, layout.optional_prefixes) for role, t in layout.templates().items()}
     for layout in LAYOUTS
 }
 
@@ -428,7 +435,16 @@ def plan_heads(
     layout: Layout,
     lm_head_source: "Checkpoint | None" = None,
     num_heads: int | None = None,
+    shared_lm_head: bool = False,
 ) -> HeadPlan:
+    """Map every head tensor of `layout` in ckpt; shared_lm_head: heads without a vocab
+    projection reuse head 0's (vLLM's original_lm_head)."""
+    if "token_map" in ckpt:
+        raise CheckpointError(
+            f"{ckpt.file_of('token_map')}: has a 'token_map' (a vLLM truncated draft vocabulary); "
+            "its heads score a subset of the vocabulary, which the Medusa model does not support. "
+            "Export the heads with their full lm_heads"
+        )
     found: dict[tuple[str, int, int | None], str] = {}
     ignored = 0
     for name in ckpt.names():
@@ -479,6 +495,8 @@ def plan_heads(
     for head in range(count):
         slot = num_layers if "{L}" in layout.lm_head else None
         own = found.get((LM_HEAD, head, slot))
+        if own is None and shared_lm_head:
+            own = found.get((LM_HEAD, 0, slot))
         if own is not None:
             lm_heads.append(("checkpoint", own))
         elif base_name is not None:

@@ -188,6 +188,7 @@ def plan_conversion(
     layout: str,
     num_heads: int | None,
     lm_head_ckpt: Checkpoint | None,
+    hints: dict | None = None,
 ) -> tuple[HeadPlan, int]:
     """The head plan for a checkpoint and the number of heads it holds before --num-heads."""
     names = ckpt.names()
@@ -196,10 +197,11 @@ def plan_conversion(
         check_mixed_layouts(names, chosen)
     else:
         chosen = get_layout(layout)
-    full = plan_heads(ckpt, chosen, lm_head_ckpt)
+    shared = bool((hints or {}).get("original_lm_head", False))
+    full = plan_heads(ckpt, chosen, lm_head_ckpt, shared_lm_head=shared)
     if num_heads is None:
         return full, full.num_heads
-    return plan_heads(ckpt, chosen, lm_head_ckpt, num_heads=num_heads), full.num_heads
+    return plan_heads(ckpt, chosen, lm_head_ckpt, num_heads=num_heads, shared_lm_head=shared), full.num_heads
 
 
 def convert_checkpoint(
@@ -223,9 +225,9 @@ def convert_checkpoint(
         lm_head_ckpt = None
         if request.lm_head is not None:
             lm_head_ckpt = stack.enter_context(Checkpoint(request.lm_head))
-        plan, available = plan_conversion(ckpt, request.layout, request.num_heads, lm_head_ckpt)
-        scheme = resolve_scheme(request.dtype, request.quantization, plan.source_dtype)
         config_path, hints = read_config_hints(Path(request.source))
+        plan, available = plan_conversion(ckpt, request.layout, request.num_heads, lm_head_ckpt, hints)
+        scheme = resolve_scheme(request.dtype, request.quantization, plan.source_dtype)
         disagreements = config_disagreements(plan, hints, available)
         warnings = [d.message(config_path) for d in disagreements]
 

@@ -36,8 +36,8 @@ class InspectReport:
 
 def inspect_checkpoint(path: Path, layout: str = "auto") -> InspectReport:
     with Checkpoint(path) as ckpt:
-        plan, available = plan_conversion(ckpt, layout, None, None)
         config_path, hints = read_config_hints(path)
+        plan, available = plan_conversion(ckpt, layout, None, None, hints)
         warnings = [d.message(config_path) for d in config_disagreements(plan, hints, available)]
         param_bytes = sum(ckpt.nbytes(n) for n in plan.head_tensor_names())
         param_bytes += sum(ckpt.nbytes(name) for _, name in plan.lm_heads)
