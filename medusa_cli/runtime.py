@@ -1,0 +1,148 @@
+"""Load a compiled heads library with its parameters and run get_logits on numpy arrays.
+
+    from medusa_cli.runtime import load_heads
+    heads = load_heads("out/heads.so", "out/params", device="cuda:0")
+    logits = heads.get_logits(hidden)        # hidden: [batch, hidden_size]
+    # logits: one float32 [batch, vocab_size] array per head
+
+CPU threads: TVM's runtime would use half the logical cores on x86 (it assumes
+hyper-threading; one thread on a 2-vCPU machine) and pin the calling thread to one core, which
+also slows numpy in the same process. Loading heads on the CPU sets TVM's (process-wide) pool to
+every core this process may run on, unless `num_threads=` or the TVM_NUM_THREADS environment
+variable says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .compile import check_params, read_library_metadata
+from .config import MedusaConfig
+from .errors import InputError, ParamsError
+from .quant import numpy_dtype
+from .targets import SYSTEM_LIBRARY_SUFFIX, error_gist
+from .tensor_cache import load_array
+
+# The CPUs this process may use, read before TVM's thread pool pins the main thread.
+_PROCESS_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+    list(range(os.cpu_count() or 1))
+# TVM's affinity mode that lets every worker thread run on any of the given CPUs.
+_THREADS_SHARE_ALL_CPUS = -3
+
+
+def configure_cpu_threads(num_threads: int | None = None) -> int:
+    """Set TVM's CPU thread pool; None: $TVM_NUM_THREADS, else every CPU of this process."""
+    import tvm
+
+    if num_threads is None:
+        env = os.environ.get("TVM_NUM_THREADS", "")
+        num_threads = int(env) if env.isdigit() and int(env) > 0 else len(_PROCESS_CPUS)
+    if num_threads < 1:
+        raise InputError(f"num_threads must be at least 1, got {num_threads}")
+    tvm.get_global_func("runtime.config_threadpool")(
+        _THREADS_SHARE_ALL_CPUS, num_threads, [str(cpu) for cpu in _PROCESS_CPUS]
+    )
+    return num_threads
+
+
+def _parse_device(device: str, metadata: dict):
+    """'cpu', 'cuda', 'cuda:1', 'rocm:0', 'auto' -> tvm Device that can run this library."""
+    import tvm
+
+    kind_of_library = metadata.get("target", {}).get("kind", "llvm")
+    name, _, index_text = device.partition(":")
+    if name == "auto":
+        name = "cpu" if kind_of_library == "llvm" else kind_of_library
+    if index_text and not index_text.isdigit():
+        raise InputError(f"--device {device!r}: expected a name and index such as cuda:0")
+    index = int(index_text or 0)
+    device_kind = "llvm" if name == "cpu" else name
+    if device_kind != kind_of_library:
+        raise InputError(
+            f"--device {device}: the library was compiled for {kind_of_library}; use "
+            f"--device {'cpu' if kind_of_library == 'llvm' else kind_of_library + ':0'} or "
+            f"recompile with --target {name}"
+        )
+    try:
+        dev = tvm.device(name, index)
+        present = bool(dev.exist)
+    except Exception:
+        present = False
+    if not present:
+        raise InputError(f"--device {device}: no such device is visible on this machine")
+    return dev
+
+
+class CompiledHeads:
+    """A compiled heads library loaded on a device, with its packed parameters."""
+
+    def __init__(self, lib_path: Path, params_dir: Path, device: str = "cpu",
+                 num_threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        self.lib_path = Path(lib_path)
+        self.params_dir = Path(params_dir)
+        if self.lib_path.suffix == SYSTEM_LIBRARY_SUFFIX:
+            raise InputError(
+                f"{self.lib_path}: a .tar system library is for linking into an application; "
+                "compile a .so (-o heads.so) to load it here"
+            )
+        self.metadata: dict = read_library_metadata(self.lib_path)
+        if self.metadata.get("model_type") != "medusa":
+            raise InputError(f"{self.lib_path}: model_type is {self.metadata.get('model_type')!r}, not 'medusa'")
+        self.config = MedusaConfig.from_dict(self.metadata["model_config"])
+        self.quantization: str = self.metadata["quantization"]
+        self.max_batch_size: int = int(self.metadata["max_batch_size"])
+        self.dtype: str = self.metadata["dtype"]
+        self.device = _parse_device(device, self.metadata)
+        if self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+            self.num_threads = configure_cpu_threads(num_threads)
+        else:
+            self.num_threads = None
+
+        expected = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in self.metadata["params"]]
+        cache = check_params(self.params_dir, expected)
+        records = cache.by_name()
+        try:
+            module = tvm.runtime.load_module(str(self.lib_path))
+            self._vm = relax.VirtualMachine(module, self.device)
+        except Exception as exc:
+            raise InputError(f"{self.lib_path}: cannot load on {device} ({error_gist(exc)})") from None
+        # Copied one tensor at a time from the memory-mapped shards, in the library's order.
+        self._params = [
+            tvm.runtime.tensor(np.ascontiguousarray(load_array(self.params_dir, records[name])), self.device)
+            for name, _, _ in expected
+        ]
+        self._get_logits = self._vm["get_logits"]
+
+    def get_logits(self, hidden: np.ndarray) -> list[np.ndarray]:
+        """hidden [batch, hidden_size] (any float dtype, cast to the library's) -> per head
+        float32 [batch, vocab_size]."""
+        import tvm
+
+        hidden = np.asarray(hidden)
+        expected = f"[batch, {self.config.hidden_size}] with 1 <= batch <= {self.max_batch_size}"
+        if hidden.ndim != 2 or hidden.shape[1] != self.config.hidden_size:
+            raise InputError(f"hidden states have shape {list(hidden.shape)}, expected {expected}")
+        if not 1 <= hidden.shape[0] <= self.max_batch_size:
+            raise InputError(
+                f"batch {hidden.shape[0]} is outside what {self.lib_path.name} was compiled for "
+                f"({expected}); split the batch or recompile with --max-batch-size"
+            )
+        if not (np.issubdtype(hidden.dtype, np.floating) or hidden.dtype == numpy_dtype("bfloat16")):
+            raise InputError(f"hidden states have dtype {hidden.dtype}, expected a float array")
+        inputs = np.ascontiguousarray(hidden.astype(numpy_dtype(self.dtype), copy=False))
+        outputs = self._get_logits(tvm.runtime.tensor(inputs, self.device), self._params)
+        return [out.numpy() for out in outputs]
+
+
+def load_heads(lib_path: Path, params_dir: Path, device: str = "cpu",
+               num_threads: int | None = None) -> CompiledHeads:
+    """Load `lib_path` (from `medusa compile`) with the packed parameters in `params_dir`."""
+    if not Path(params_dir).is_dir():
+        raise ParamsError(f"{params_dir}: not a directory; pass the PARAMS_DIR the library was compiled from")
+    return CompiledHeads(lib_path, params_dir, device=device, num_threads=num_threads)
