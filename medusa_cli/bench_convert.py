@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from medusa_cli.convert import ConvertRequest, convert_checkpoint
 src, out, quantization = sys.argv[1], sys.argv[2], sys.argv[3] or None
 t = time.perf_counter()
 result = convert_checkpoint(ConvertRequest(Path(src), Path(out), quantization=quantization, force=True))
 seconds = time.perf_counter() - t
-peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM belongs to this process image; ru_maxrss would carry the parent's size over fork+exec.
+peak_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_kib * 1024, "param_bytes": result.param_bytes}))
 """
 

@@ -1,0 +1,246 @@
+"""`medusa bench`: time compiled heads against the memory-bandwidth floor and numpy, in one run.
+
+The heads are memory-bound at small batch: each call reads every weight once. So the floor is
+weight bytes / the machine's read bandwidth, measured in the same run; numpy computes the same
+heads in float32 (BLAS) as the practical baseline. Each repeat times the library and numpy back
+to back, so both see the same machine noise; medians and spreads are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+_BANDWIDTH_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class BenchRequest:
+    library: Path
+    params_dir: Path
+    batches: tuple[int, ...] = (1, 8)
+    device: str = "cpu"
+    repeat: int = 20
+    warmup: int = 3
+    # compare with numpy computing the same heads in float32
+    numpy_baseline: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Timing:
+    median_s: float
+    p10_s: float
+    p90_s: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Timing":
+        ordered = sorted(samples)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return cls(statistics.median(ordered), pick(0.1), pick(0.9))
+
+
+@dataclasses.dataclass
+class BenchRow:
+    batch: int
+    library: Timing
+    numpy: Timing | None
+    weight_bytes: int
+    floor_s: float
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes / self.library.median_s / 1e9
+
+    @property
+    def vs_floor(self) -> float:
+        return self.library.median_s / self.floor_s
+
+    @property
+    def vs_numpy(self) -> float | None:
+        return None if self.numpy is None else self.library.median_s / self.numpy.median_s
+
+    def to_dict(self) -> dict:
+        return {
+            "batch": self.batch,
+            "median_ms": self.library.median_s * 1e3,
+            "p10_ms": self.library.p10_s * 1e3,
+            "p90_ms": self.library.p90_s * 1e3,
+            "numpy_median_ms": None if self.numpy is None else self.numpy.median_s * 1e3,
+            "weight_bytes": self.weight_bytes,
+            "effective_gbps": self.gbps,
+            "floor_ms": self.floor_s * 1e3,
+            "time_vs_floor": self.vs_floor,
+            "time_vs_numpy": self.vs_numpy,
+        }
+
+
+@dataclasses.dataclass
+class BenchReport:
+    library: Path
+    quantization: str
+    target: str
+    device: str
+    num_threads: int | None
+    bandwidth_gbps: float
+    rows: list[BenchRow]
+    machine: str
+
+    def to_dict(self) -> dict:
+        return {
+            "library": str(self.library),
+            "quantization": self.quantization,
+            "target": self.target,
+            "device": self.device,
+            "num_threads": self.num_threads,
+            "bandwidth_gbps": self.bandwidth_gbps,
+            "machine": self.machine,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}"
+
+
+def measure_read_bandwidth(nbytes: int = _BANDWIDTH_BYTES, repeat: int = 5) -> float:
+    """Memory read bandwidth in GB/s: the best of summing a buffer on one thread and on one
+    thread per core (numpy releases the GIL in reductions)."""
+    data = np.ones(nbytes // 4, dtype=np.float32)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parts = np.array_split(data, cores)
+
+    def parallel_sum() -> None:
+        threads = [threading.Thread(target=part.sum) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    best = float("inf")
+    for _ in range(repeat):
+        for run in (data.sum, parallel_sum):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def float32_heads(params_dir: Path, config, quantization: str) -> list[tuple[list, np.ndarray]]:
+    """Every head's weights in float32 (dequantized where quantized): [(layers, lm_head)]."""
+    from .quant import dequantize_weight, get_scheme
+    from .tensor_cache import load_array, read_tensor_cache
+
+    scheme = get_scheme(quantization)
+    records = read_tensor_cache(params_dir).by_name()
+
+    def weight(name: str, in_features: int) -> np.ndarray:
+        if scheme.is_quantized:
+            stem = name[: -len(".weight")]
+            q_weight = load_array(params_dir, records[stem + ".q_weight"])
+            q_scale = load_array(params_dir, records[stem + ".q_scale"])
+            return dequantize_weight(q_weight, q_scale, scheme, in_features).astype(np.float32)
+        return np.asarray(load_array(params_dir, records[name]), dtype=np.float32)
+
+    heads = []
+    hidden = config.hidden_size
+    for h in range(config.medusa_num_heads):
+        layers = []
+        for i in range(config.medusa_num_layers):
+            prefix = f"medusa_head.{h}.{i}.linear"
+            bias = np.asarray(load_array(params_dir, records[prefix + ".bias"]), dtype=np.float32)
+            layers.append((weight(prefix + ".weight", hidden), bias))
+        heads.append((layers, weight(f"medusa_head.{h}.{config.medusa_num_layers}.weight", hidden)))
+    return heads
+
+
+def numpy_logits(heads, hidden: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for layers, lm_head in heads:
+        x = hidden
+        for w, b in layers:
+            y = x @ w.T + b
+            x = x + y / (1.0 + np.exp(-y))
+        out.append(x @ lm_head.T)
+    return out
+
+
+def _time_pair(first: Callable[[], object], second: Callable[[], object] | None, repeat: int,
+               warmup: int) -> tuple[list[float], list[float]]:
+    for _ in range(warmup):
+        first()
+        if second is not None:
+            second()
+    a, b = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        first()
+        a.append(time.perf_counter() - start)
+        if second is not None:
+            start = time.perf_counter()
+            second()
+            b.append(time.perf_counter() - start)
+    return a, b
+
+
+def bench_heads(request: BenchRequest) -> BenchReport:
+    from .runtime import load_heads
+
+    if request.repeat < 1 or request.warmup < 0:
+        raise InputError("--repeat must be at least 1 and --warmup at least 0")
+    heads = load_heads(request.library, request.params_dir, device=request.device)
+    if max(request.batches) > heads.max_batch_size or min(request.batches) < 1:
+        raise InputError(
+            f"--batch {','.join(map(str, request.batches))}: {request.library} runs batches 1.."
+            f"{heads.max_batch_size}; recompile with --max-batch-size"
+        )
+    from .tensor_cache import read_tensor_cache
+
+    weight_bytes = sum(t.nbytes for t in read_tensor_cache(request.params_dir).tensors)
+    bandwidth = measure_read_bandwidth()
+    reference = float32_heads(request.params_dir, heads.config, heads.quantization) \
+        if request.numpy_baseline else None
+    rng = np.random.default_rng(request.seed)
+    rows = []
+    for batch in request.batches:
+        hidden = rng.standard_normal((batch, heads.config.hidden_size), dtype=np.float32)
+        run_numpy = (lambda: numpy_logits(reference, hidden)) if reference is not None else None
+        lib_samples, np_samples = _time_pair(lambda: heads.get_logits(hidden), run_numpy,
+                                             request.repeat, request.warmup)
+        rows.append(BenchRow(
+            batch=batch,
+            library=Timing.of(lib_samples),
+            numpy=Timing.of(np_samples) if np_samples else None,
+            weight_bytes=weight_bytes,
+            floor_s=weight_bytes / (bandwidth * 1e9),
+        ))
+    return BenchReport(
+        library=Path(request.library),
+        quantization=heads.quantization,
+        target=str(heads.metadata.get("target", {}).get("kind", "?")),
+        device=request.device,
+        num_threads=heads.num_threads,
+        bandwidth_gbps=bandwidth,
+        rows=rows,
+        machine=machine_description(),
+    )
