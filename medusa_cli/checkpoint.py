@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import MedusaConfig, param_count
 from .errors import CheckpointError, InputError
 
 # Roles of a head tensor. Templates use {h} for the head and {l} for the ResBlock;
@@ -381,8 +382,7 @@ class HeadPlan:
 
     def param_count(self) -> int:
         """Parameters of the unquantized heads, zero biases included."""
-        per_head = self.num_layers * (self.hidden_size + 1) * self.hidden_size
-        return self.num_heads * (per_head + self.vocab_size * self.hidden_size)
+        return param_count(MedusaConfig(self.num_heads, self.num_layers, self.hidden_size, self.vocab_size))
 
     def head_tensor_names(self) -> list[str]:
         names = []

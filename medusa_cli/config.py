@@ -43,6 +43,12 @@ class MedusaConfig:
         return config
 
 
+def param_count(config: MedusaConfig) -> int:
+    """Parameters of the unquantized heads: ResBlock weights and biases plus vocab projections."""
+    per_head = config.medusa_num_layers * (config.hidden_size + 1) * config.hidden_size
+    return config.medusa_num_heads * (per_head + config.vocab_size * config.hidden_size)
+
+
 def param_names(config: MedusaConfig) -> list[str]:
     """MLC-LLM parameter names of the unquantized heads, in model order."""
     names = []

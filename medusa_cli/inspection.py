@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from .checkpoint import BASE_LM_HEAD_NAMES, Checkpoint, read_config_hints
-from .config import CONFIG_FILE, TENSOR_CACHE_FILE, read_packed_config
+from .config import CONFIG_FILE, TENSOR_CACHE_FILE, MedusaConfig, param_count, read_packed_config
 from .convert import config_disagreements, plan_conversion
 
 
@@ -69,7 +70,6 @@ def inspect_packed(path: Path) -> InspectReport:
     cache = read_tensor_cache(path)
     model = packed.model
     scheme = get_scheme(packed.quantization)
-    per_head = model.medusa_num_layers * (model.hidden_size + 1) * model.hidden_size
     return InspectReport(
         kind="packed",
         path=Path(path),
@@ -80,7 +80,7 @@ def inspect_packed(path: Path) -> InspectReport:
         hidden_size=model.hidden_size,
         vocab_size=model.vocab_size,
         dtype=scheme.model_dtype,
-        param_count=model.medusa_num_heads * (per_head + model.vocab_size * model.hidden_size),
+        param_count=param_count(model),
         param_bytes=cache.param_bytes,
         files=[TENSOR_CACHE_FILE, CONFIG_FILE] + [s["dataPath"] for s in cache.shards],
         extra={"source": packed.source.get("path"), "tensors": len(cache.tensors),
@@ -96,25 +96,20 @@ def inspect_path(path: Path) -> InspectReport:
         from .compile import read_library_metadata
 
         meta = read_library_metadata(path)
-        config = meta.get("model_config", {})
+        model = MedusaConfig.from_dict(meta["model_config"])
         return InspectReport(
             kind="library",
             path=path,
             quantization=meta.get("quantization"),
-            num_heads=config.get("medusa_num_heads", 0),
-            num_layers=config.get("medusa_num_layers", 0),
-            hidden_size=config.get("hidden_size", 0),
-            vocab_size=config.get("vocab_size", 0),
+            num_heads=model.medusa_num_heads,
+            num_layers=model.medusa_num_layers,
+            hidden_size=model.hidden_size,
+            vocab_size=model.vocab_size,
             dtype=meta.get("dtype", ""),
-            param_count=sum(_prod(p["shape"]) for p in meta.get("params", [])),
-            param_bytes=meta.get("memory_usage", {}).get("params_bytes", 0) if isinstance(meta.get("memory_usage"), dict) else 0,
-            extra={"target": meta.get("target"), "params": len(meta.get("params", []))},
+            param_count=param_count(model),
+            param_bytes=int(meta.get("params_bytes", 0)),
+            extra={"target": json.dumps(meta.get("target")), "device code": meta.get("device_code"),
+                   "max batch size": meta.get("max_batch_size"), "params": len(meta.get("params", []))},
         )
     return inspect_checkpoint(path)
 
-
-def _prod(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
