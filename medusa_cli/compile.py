@@ -9,6 +9,9 @@ added, as MLC-LLM's compile does, so an MLC-LLM runtime and `medusa inspect` can
 library holds. The same JSON is also stored as a plain string in the file, so it can be read
 without loading the library (a CUDA library on a machine without CUDA).
 
+With --tree, the library also exports get_tree_candidates and get_tree_buffers (model.py), and
+the metadata's "tree" holds the tree's name, paths and top-k.
+
 CUDA device code is compiled to a fatbin by nvcc at build time and stored in the library in
 place of the CUDA source TVM 0.27 would otherwise embed (and compile with NVRTC or nvcc each time
 the library loads). The library then needs only the CUDA driver where it runs.
@@ -29,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import CONFIG_FILE, TENSOR_CACHE_FILE, MedusaConfig, read_packed_config
@@ -42,9 +46,15 @@ from .targets import (
     resolve_target,
 )
 from .tensor_cache import TensorCache, read_tensor_cache
+from .tree import DEFAULT_TOPK, describe, load_tree
+
+if TYPE_CHECKING:
+    from .model import TreeSpec
 
 DEFAULT_MAX_BATCH_SIZE = 8
 METADATA_FUNCTION = "_metadata"
+# Relax functions taking [batch_size, ...] inputs; memory is planned for --max-batch-size.
+BATCHED_FUNCTIONS = ("get_logits", "get_tree_candidates")
 # The metadata JSON, base64-encoded after this marker, is a NUL-terminated string in the library.
 METADATA_MARKER = b"MEDUSA_CLI_METADATA_V1:"
 _METADATA_SOURCE = "medusa_cli_metadata.c"
@@ -66,6 +76,10 @@ class CompileRequest:
     # .so/.dylib/.dll (shared library), .tar (system library) or .wasm (webgpu);
     # None: PARAMS_DIR/medusa-<target>-<quantization>.so
     output: Path | None = None
+    # a shipped tree name (configs/trees) or a JSON file of paths; None: no tree functions
+    tree: str | Path | None = None
+    # ranks kept per head for the tree's candidates (Medusa's TOPK)
+    topk: int = DEFAULT_TOPK
 
 
 @dataclasses.dataclass
@@ -171,7 +185,8 @@ def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
     from tvm import relax, transform
     from tvm.s_tir import dlight as dl
 
-    mod["get_logits"] = mod["get_logits"].with_attr("tir_var_upper_bound", {"batch_size": max_batch_size})
+    for name in _functions_in(mod, BATCHED_FUNCTIONS):
+        mod[name] = mod[name].with_attr("tir_var_upper_bound", {"batch_size": max_batch_size})
     passes = [
         # Our Linear layers already read W in [out, in] layout; this keeps any other
         # matmul(x, permute_dims(w)) from transposing a weight on every call.
@@ -203,6 +218,11 @@ def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
     ]
     with target.target:
         return transform.Sequential(passes, name="medusa_optimize")(mod)
+
+
+def _functions_in(mod, names: tuple[str, ...]) -> list[str]:
+    present = {gv.name_hint for gv in mod.get_global_vars()}
+    return [name for name in names if name in present]
 
 
 def _finalize_pipeline():
@@ -509,7 +529,8 @@ def _metadata_from_vm(lib_path: Path) -> dict:
 
 
 def _metadata(config: MedusaConfig, scheme: QuantScheme, target: ResolvedTarget,
-              max_batch_size: int, params: list[ParamSpec], planned_bytes: int) -> dict:
+              max_batch_size: int, params: list[ParamSpec], planned_bytes: dict[str, int],
+              tree: TreeSpec | None = None) -> dict:
     model_config = {**config.to_dict(), "max_batch_size": max_batch_size}
     return {
         # MLC-LLM's fields
@@ -529,7 +550,7 @@ def _metadata(config: MedusaConfig, scheme: QuantScheme, target: ResolvedTarget,
             {"name": name, "shape": list(shape), "dtype": dtype, "preprocs": [], "pipeline_stages": [0]}
             for name, shape, dtype in params
         ],
-        "memory_usage": {"get_logits": planned_bytes},
+        "memory_usage": planned_bytes,
         # ours
         "dtype": scheme.model_dtype,
         "params_bytes": sum(_nbytes(shape, dtype) for _, shape, dtype in params),
@@ -539,6 +560,11 @@ def _metadata(config: MedusaConfig, scheme: QuantScheme, target: ResolvedTarget,
         "device_code": target.device_code,
         "cuda_arches": list(target.cuda_arches),
         "medusa_cli_version": __version__,
+        # null, or the tree get_tree_candidates / get_tree_buffers were built for
+        "tree": None if tree is None else {
+            **describe(tree.tree, tree.topk),
+            "paths": [list(path) for path in tree.tree.paths],
+        },
     }
 
 
@@ -586,6 +612,28 @@ def _export(executable, target: ResolvedTarget, output: Path, metadata: dict) ->
         tmp.unlink(missing_ok=True)
 
 
+def _resolve_tree(request: CompileRequest, config: MedusaConfig,
+                  target: ResolvedTarget) -> TreeSpec | None:
+    """The request's tree, validated against the heads; None without --tree."""
+    from .model import TreeSpec
+    from .topk import MAX_TOPK, TopkLayout
+
+    topk = request.topk
+    if request.tree is None:
+        if topk != DEFAULT_TOPK:
+            raise InputError(f"--topk {topk} only applies with --tree; add --tree CHOICES or drop --topk")
+        return None
+    most = min(MAX_TOPK, config.vocab_size)
+    if isinstance(topk, int) and not isinstance(topk, bool) and topk > most:
+        limit = "the vocabulary size" if most == config.vocab_size else "the most the top-k kernel keeps"
+        raise InputError(
+            f"--topk {topk}: at most {most} ({limit}); "
+            "lower --topk and use a tree whose ranks fit"
+        )
+    tree = load_tree(request.tree, topk, config.medusa_num_heads)  # --tree / --topk errors
+    return TreeSpec(tree=tree, topk=topk, layout=TopkLayout.for_target(config.vocab_size, target.is_gpu))
+
+
 def compile_heads(request: CompileRequest) -> CompileResult:
     """Build the heads in request.params_dir for request.target and write the library."""
     start = time.perf_counter()
@@ -602,7 +650,8 @@ def compile_heads(request: CompileRequest) -> CompileResult:
 
     from .model import MedusaModel
 
-    model = MedusaModel(packed.model, scheme)
+    tree = _resolve_tree(request, packed.model, target)
+    model = MedusaModel(packed.model, scheme, tree)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     check_params(params_dir, params)
@@ -612,8 +661,10 @@ def compile_heads(request: CompileRequest) -> CompileResult:
     try:
         with _cuda_source_modules() if target.kind == "cuda" else contextlib.nullcontext():
             optimized = _optimize(mod, target, request.max_batch_size)
+            planned = {name: _planned_bytes(optimized[name])
+                       for name in _functions_in(optimized, BATCHED_FUNCTIONS)}
             metadata = _metadata(packed.model, scheme, target, request.max_batch_size, params,
-                                 _planned_bytes(optimized["get_logits"]))
+                                 planned, tree)
             executable = tvm.relax.build(
                 _with_metadata(optimized, metadata),
                 target.target,

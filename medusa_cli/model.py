@@ -10,15 +10,24 @@ Every Linear computes x @ W.T as a single te.compute whose reduction reads W in 
   - group-quantized schemes unpack each code from q_weight and scale it inside the reduction.
 Products are accumulated in float32 whatever the model dtype: a float16 accumulator was measured
 to lose 0.05 on logits of scale 3 at the vicuna-7b shape (reductions over 4096).
+
+Given a Medusa tree (TreeSpec), the module also has get_tree_candidates(base_logits,
+hidden_states), tree.generate_candidates computed in the library (top-k kernels in topk.py), and
+get_tree_buffers(), the tree's buffers as constants.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from .config import MedusaConfig
 from .quant import QuantScheme
+from .topk import TopkLayout, chunk_kernel, merge_kernel
+from .tree import MedusaTree, TreeBuffers, build_buffers
 
 ACCUMULATE_DTYPE = "float32"
 
@@ -151,16 +160,68 @@ class ResBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+    """A validated tree and how the library computes its candidates."""
+
+    tree: MedusaTree
+    # ranks kept per head; the stride between heads in tree_indices
+    topk: int
+    # how the top-k kernels split a row of logits (depends on the target: CPU or GPU)
+    layout: TopkLayout
+
+    @property
+    def buffers(self) -> TreeBuffers:
+        return build_buffers(self.tree, self.topk)
+
+
+def _topk_ids(logits: nn.Tensor, k: int, layout: TopkLayout) -> nn.Tensor:
+    """[batch, vocab] float32 -> [batch, k] int32: ids of the k largest, ties to the lower id."""
+    batch = logits.shape[0]
+    vals, ids = nn.op.tensor_ir_op(
+        chunk_kernel(layout, k),
+        "topk_chunks",
+        [logits],
+        [nn.Tensor.placeholder([batch, layout.chunks, k], "float32"),
+         nn.Tensor.placeholder([batch, layout.chunks, k], "int32")],
+    )  # each [batch, chunks, k]
+    return nn.op.tensor_ir_op(
+        merge_kernel(layout, k), "topk_merge", [vals, ids], nn.Tensor.placeholder([batch, k], "int32")
+    )
+
+
+def _gather_tree(candidates: te.Tensor, tree_indices: te.Tensor, retrieve_indices: te.Tensor):
+    """generate_candidates' two gathers: candidates [batch, 1 + heads * topk] ->
+    (tree_candidates [batch, L], cart_candidates [batch, leaves, depth + 1]); the -1 padding of
+    retrieve_indices reads token 0."""
+    batch = candidates.shape[0]
+    (nodes,) = tree_indices.shape
+    leaves, columns = retrieve_indices.shape
+    tree = te.compute((batch, nodes), lambda b, n: candidates[b, tree_indices[n]], name="tree_candidates")
+    cart = te.compute(
+        (batch, leaves, columns),
+        lambda b, r, d: tirx.Select(
+            retrieve_indices[r, d] < 0,
+            tirx.const(0, "int32"),
+            tree[b, tirx.max(retrieve_indices[r, d], 0)],
+        ),
+        name="cart_candidates",
+    )
+    return [tree, cart]
+
+
 class MedusaModel(nn.Module):
     """MLC-LLM's Medusa heads: medusa_head[h] = [ResBlock] * num_layers + [Linear(hidden, vocab)].
 
     nn.Module.to(dtype) also sets self.dtype, the dtype get_default_spec gives hidden_states.
+    With `tree`, the module also exports get_tree_candidates and get_tree_buffers.
     """
 
-    def __init__(self, config: MedusaConfig, scheme: QuantScheme):
+    def __init__(self, config: MedusaConfig, scheme: QuantScheme, tree: TreeSpec | None = None):
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
         self.dtype = scheme.model_dtype
+        self.tree = tree
         self.medusa_head = nn.ModuleList(
             [
                 nn.ModuleList(
@@ -176,6 +237,31 @@ class MedusaModel(nn.Module):
         # each head ends in a Linear with float32 output: float32 logits whatever the model dtype
         return [head(hidden_states) for head in self.medusa_head]
 
+    def get_tree_candidates(self, base_logits: nn.Tensor, hidden_states: nn.Tensor):
+        """(tree_candidates [batch, L], cart_candidates [batch, leaves, depth + 1]) int32, as
+        tree.generate_candidates computes them from the base logits and these heads' logits."""
+        spec = self.tree
+        buffers = spec.buffers
+        # only the heads the tree reaches
+        head_logits = [self.medusa_head[h](hidden_states) for h in range(spec.tree.depth)]
+        root = _topk_ids(base_logits, 1, spec.layout)  # [batch, 1]
+        ranks = [_topk_ids(logits, spec.topk, spec.layout) for logits in head_logits]  # [batch, topk]
+        candidates = nn.op.concat([root, *ranks], dim=1)  # [batch, 1 + depth * topk]
+        tree_candidates, cart_candidates = nn.op.tensor_expr_op(
+            _gather_tree,
+            "gather_tree",
+            [candidates, nn.Tensor.from_const(buffers.tree_indices),
+             nn.Tensor.from_const(buffers.retrieve_indices)],
+        )
+        return tree_candidates, cart_candidates
+
+    def get_tree_buffers(self):
+        """(medusa_attn_mask [L, L] float32, tree_indices [L], medusa_position_ids [L],
+        retrieve_indices [leaves, depth + 1]) int32, as tree.build_buffers gives them."""
+        # in TreeBuffers' field order, which runtime.get_tree_buffers names them by
+        return tuple(nn.Tensor.from_const(np.ascontiguousarray(array))
+                     for array in self.tree.buffers.as_dict().values())
+
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         spec = {
             "get_logits": {
@@ -183,4 +269,11 @@ class MedusaModel(nn.Module):
                 "$": {"param_mode": "packed", "effect_mode": "none"},
             },
         }
+        if self.tree is not None:
+            spec["get_tree_candidates"] = {
+                "base_logits": nn.spec.Tensor(["batch_size", self.vocab_size], "float32"),
+                "hidden_states": nn.spec.Tensor(["batch_size", self.hidden_size], self.dtype),
+                "$": {"param_mode": "packed", "effect_mode": "none"},
+            }
+            spec["get_tree_buffers"] = {"$": {"param_mode": "none", "effect_mode": "none"}}
         return nn.spec.ModuleSpec.from_raw(spec, self)

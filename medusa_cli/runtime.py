@@ -5,6 +5,10 @@
     logits = heads.get_logits(hidden)        # hidden: [batch, hidden_size]
     # logits: one float32 [batch, vocab_size] array per head
 
+    # a library compiled with --tree:
+    tree_candidates, cart_candidates = heads.get_tree_candidates(base_logits, hidden)
+    buffers = heads.get_tree_buffers()       # medusa_attn_mask, tree_indices, ...
+
 CPU threads: TVM's runtime would use half the logical cores on x86 (it assumes
 hyper-threading; one thread on a 2-vCPU machine) and pin the calling thread to one core, which
 also slows numpy in the same process. Loading heads on the CPU sets TVM's (process-wide) pool to
@@ -14,7 +18,9 @@ variable says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from .errors import InputError, ParamsError
 from .quant import numpy_dtype
 from .targets import SYSTEM_LIBRARY_SUFFIX, error_gist
 from .tensor_cache import load_array
+from .tree import MedusaTree, TreeBuffers, validate_paths
 
 # The CPUs this process may use, read before TVM's thread pool pins the main thread.
 _PROCESS_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
@@ -76,6 +83,48 @@ def _parse_device(device: str, metadata: dict):
     return dev
 
 
+@dataclasses.dataclass
+class TreeTiming:
+    """Median seconds per call of get_logits and get_tree_candidates, timed on the device."""
+
+    batch: int
+    # get_logits runs every head, get_tree_candidates only the tree's depth
+    num_heads: int
+    tree_depth: int
+    get_logits: float
+    get_tree_candidates: float
+
+    @property
+    def candidates_cost(self) -> float:
+        """What get_tree_candidates adds to its heads (top-k of every row and the gathers):
+        its time less that of `tree_depth` heads, taking every head to cost the same."""
+        return self.get_tree_candidates - self.get_logits * self.tree_depth / self.num_heads
+
+    def to_dict(self) -> dict:
+        return {
+            "batch": self.batch,
+            "num_heads": self.num_heads,
+            "tree_depth": self.tree_depth,
+            "get_logits_ms": round(self.get_logits * 1e3, 4),
+            "get_tree_candidates_ms": round(self.get_tree_candidates * 1e3, 4),
+            "candidates_cost_ms": round(self.candidates_cost * 1e3, 4),
+        }
+
+
+def _tree_from_metadata(metadata: dict, config: MedusaConfig,
+                        lib_path: Path) -> tuple[MedusaTree | None, int | None]:
+    entry = metadata.get("tree")
+    if entry is None:
+        return None, None
+    try:
+        topk = int(entry["topk"])
+        paths = validate_paths(entry["paths"], topk, config.medusa_num_heads,
+                               source=f"{lib_path} (metadata)")
+        return MedusaTree(name=entry["name"], paths=paths), topk
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{lib_path}: the metadata's tree is malformed; recompile the library") from None
+
+
 class CompiledHeads:
     """A compiled heads library loaded on a device, with its packed parameters."""
 
@@ -98,6 +147,8 @@ class CompiledHeads:
         self.quantization: str = self.metadata["quantization"]
         self.max_batch_size: int = int(self.metadata["max_batch_size"])
         self.dtype: str = self.metadata["dtype"]
+        # the tree of get_tree_candidates and its ranks per head; None without --tree
+        self.tree, self.topk = _tree_from_metadata(self.metadata, self.config, self.lib_path)
         self.device = _parse_device(device, self.metadata)
         if self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
             self.num_threads = configure_cpu_threads(num_threads)
@@ -119,9 +170,82 @@ class CompiledHeads:
         ]
         self._get_logits = self._vm["get_logits"]
 
+    @property
+    def has_tree(self) -> bool:
+        return self.tree is not None
+
     def get_logits(self, hidden: np.ndarray) -> list[np.ndarray]:
         """hidden [batch, hidden_size] (any float dtype, cast to the library's) -> per head
         float32 [batch, vocab_size]."""
+        outputs = self._get_logits(self._device_hidden(hidden), self._params)
+        return [out.numpy() for out in outputs]
+
+    def get_tree_candidates(self, base_logits: np.ndarray,
+                            hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """base_logits [batch, vocab_size] (the base model's last position) and hidden
+        [batch, hidden_size] -> (tree_candidates [batch, nodes], cart_candidates
+        [batch, leaves, depth + 1]), int32, as tree.generate_candidates computes them."""
+        import tvm
+
+        self._require_tree("get_tree_candidates")
+        device_hidden = self._device_hidden(hidden)
+        base = np.asarray(base_logits)
+        batch, vocab = device_hidden.shape[0], self.config.vocab_size
+        if base.shape != (batch, vocab):
+            raise InputError(
+                f"base logits have shape {list(base.shape)}, expected [{batch}, {vocab}]: one row "
+                "of the base model's logits per row of hidden states"
+            )
+        if not (np.issubdtype(base.dtype, np.floating) or base.dtype == numpy_dtype("bfloat16")):
+            raise InputError(f"base logits have dtype {base.dtype}, expected a float array")
+        base = np.ascontiguousarray(base.astype(np.float32, copy=False))
+        function = self._vm["get_tree_candidates"]
+        tree_candidates, cart_candidates = function(
+            tvm.runtime.tensor(base, self.device), device_hidden, self._params
+        )
+        return tree_candidates.numpy(), cart_candidates.numpy()
+
+    def get_tree_buffers(self) -> dict[str, np.ndarray]:
+        """The tree's buffers stored in the library, under tree.TreeBuffers' names."""
+        self._require_tree("get_tree_buffers")
+        arrays = self._vm["get_tree_buffers"]()
+        names = [field.name for field in dataclasses.fields(TreeBuffers)]
+        return {name: array.numpy() for name, array in zip(names, arrays)}
+
+    def time_tree_candidates(self, batch: int = 1, repeat: int = 10, seed: int = 0) -> TreeTiming:
+        """Time get_logits and get_tree_candidates on random inputs, alternating `repeat` times
+        (each sample at least 10 ms of calls); device time only, no numpy conversions."""
+        import tvm
+
+        self._require_tree("time_tree_candidates")
+        if repeat < 1:
+            raise InputError(f"repeat must be at least 1, got {repeat}")
+        rng = np.random.default_rng(seed)
+        hidden = self._device_hidden(rng.standard_normal((batch, self.config.hidden_size)))
+        base = tvm.runtime.tensor(
+            rng.standard_normal((batch, self.config.vocab_size)).astype(np.float32), self.device
+        )
+        logits_timer = self._vm.time_evaluator("get_logits", self.device, number=1, min_repeat_ms=10)
+        tree_timer = self._vm.time_evaluator("get_tree_candidates", self.device, number=1,
+                                             min_repeat_ms=10)
+        logits_samples, tree_samples = [], []
+        for _ in range(repeat):
+            logits_samples.append(logits_timer(hidden, self._params).mean)
+            tree_samples.append(tree_timer(base, hidden, self._params).mean)
+        return TreeTiming(batch=batch, num_heads=self.config.medusa_num_heads,
+                          tree_depth=self.tree.depth,
+                          get_logits=float(statistics.median(logits_samples)),
+                          get_tree_candidates=float(statistics.median(tree_samples)))
+
+    def _require_tree(self, what: str) -> None:
+        if not self.has_tree:
+            raise InputError(
+                f"{self.lib_path}: compiled without a tree, so it has no {what}; recompile with "
+                "`medusa compile ... --tree mc_sim_7b_63` (or another tree)"
+            )
+
+    def _device_hidden(self, hidden: np.ndarray):
+        """hidden [batch, hidden_size], checked and cast to the model dtype, on the device."""
         import tvm
 
         hidden = np.asarray(hidden)
@@ -136,8 +260,7 @@ class CompiledHeads:
         if not (np.issubdtype(hidden.dtype, np.floating) or hidden.dtype == numpy_dtype("bfloat16")):
             raise InputError(f"hidden states have dtype {hidden.dtype}, expected a float array")
         inputs = np.ascontiguousarray(hidden.astype(numpy_dtype(self.dtype), copy=False))
-        outputs = self._get_logits(tvm.runtime.tensor(inputs, self.device), self._params)
-        return [out.numpy() for out in outputs]
+        return tvm.runtime.tensor(inputs, self.device)
 
 
 def load_heads(lib_path: Path, params_dir: Path, device: str = "cpu",
