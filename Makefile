@@ -14,13 +14,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# End to end on a small generated checkpoint: example -> convert -> compile -> verify.
+# End to end on a small generated checkpoint: example, then `medusa build` (convert -> compile
+# -> verify against the numpy oracle, one JSON report), then what it built.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/medusa example $(DEMO)/ckpt --preset tiny --layout medusa1 --seed 0
 	$(BIN)/medusa inspect $(DEMO)/ckpt
-	$(BIN)/medusa convert $(DEMO)/ckpt -o $(DEMO)/params --quantization q0f32
-	$(BIN)/medusa inspect $(DEMO)/params
+	$(BIN)/medusa build $(DEMO)/ckpt --target llvm --quantization q4f16_1 -o $(DEMO)/build
+	$(BIN)/medusa inspect $(DEMO)/build/params
+	$(BIN)/medusa inspect $(DEMO)/build/medusa-llvm-q4f16_1.so
+	$(BIN)/medusa verify $(DEMO)/build/medusa-llvm-q4f16_1.so $(DEMO)/build/params
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,3 +1,51 @@
-"""medusa-cli: Medusa speculative-decoding heads from published checkpoints to verified TVM libraries."""
+"""medusa-cli: Medusa speculative-decoding heads from published checkpoints to verified TVM libraries.
+
+The Python API is the library under the CLI:
+
+    from medusa_cli import load_heads, verify_heads, VerifyRequest
+    heads = load_heads("out/heads.so", "out/params", device="cpu")
+    logits = heads.get_logits(hidden)      # hidden [batch, hidden_size] -> per head [batch, vocab]
+    report = verify_heads(VerifyRequest("out/heads.so", "out/params"))
+    report.raise_for_verdict()
+
+Names are imported on first use, so `import medusa_cli` (and `medusa --help`) does not load TVM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "convert_checkpoint": "convert",
+    "ConvertRequest": "convert",
+    "compile_heads": "compile",
+    "CompileRequest": "compile",
+    "load_heads": "runtime",
+    "CompiledHeads": "runtime",
+    "verify_heads": "verify",
+    "VerifyRequest": "verify",
+    "VerifyReport": "verify",
+    "run_heads": "run",
+    "RunRequest": "run",
+    "build_heads": "build",
+    "BuildRequest": "build",
+    "MedusaError": "errors",
+    "VerificationFailed": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medusa_cli' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .errors import MedusaError
+from .errors import MedusaError, VerificationFailed
 
 app = typer.Typer(
     name="medusa",
@@ -63,7 +64,8 @@ def _handle_errors(verbose: bool) -> Iterator[None]:
     except MedusaError as exc:
         if verbose:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages show shapes such as [batch, 64], which rich would take for markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written")
@@ -197,7 +199,7 @@ def inspect(
     rows.append(("files", "\n".join(report.files) or "-"))
     err.print(_key_value_table(str(report.path), rows))
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def convert(
     with _handle_errors(verbose), _byte_progress("converting") as update:
         result = convert_checkpoint(request, progress=update)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if json_out:
         _emit_json(result.to_dict())
         return
@@ -295,6 +297,243 @@ def tree(
     if written is not None:
         rows.append(("buffers", str(written)))
     err.print(_key_value_table(f"tree {summary['name']}", rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa compile
+
+
+@app.command(
+    name="compile",
+    epilog=(
+        "**Examples**\n\n"
+        "    medusa compile out/params --target llvm\n\n"
+        "    medusa compile out/params --target cuda --arch sm_80,sm_90 -o out/heads-cuda.so\n\n"
+        "    medusa compile out/params --target cpu --tree mc_sim_7b_63 --json"
+    ),
+)
+def compile_command(
+    params_dir: Path = typer.Argument(..., help="Packed parameter directory written by `medusa convert`."),
+    target: str = typer.Option("llvm", help="llvm, cpu (this CPU's features), cuda, rocm, vulkan, metal, opencl, webgpu, auto, or a TVM target JSON dict."),
+    arch: Optional[str] = typer.Option(None, help="CUDA arch(es) such as sm_90 or sm_80,sm_90; ROCm arch such as gfx90a (default: the local GPU's)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Must match PARAMS_DIR's scheme (default: PARAMS_DIR's)."),
+    max_batch_size: int = typer.Option(8, help="Largest batch get_logits accepts; memory is planned for it."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Library to write: .so (default PARAMS_DIR/medusa-<target>-<quant>.so), .tar (system library) or .wasm (webgpu)."),
+    tree: Optional[str] = typer.Option(None, help="Also compile tree candidate generation for this tree (a shipped name or a JSON file of paths)."),
+    topk: Optional[int] = typer.Option(None, help="Candidates per head for --tree (default 10)."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Compile the heads in a packed directory into a TVM library for a target."""
+    from .compile import CompileRequest, compile_heads
+
+    request = CompileRequest(
+        params_dir=params_dir, target=target, arch=arch, quantization=quantization,
+        max_batch_size=max_batch_size, output=output, tree=tree,
+    )
+    if topk is not None:
+        request.topk = topk
+    with _handle_errors(verbose), err.status("compiling", spinner="dots"):
+        result = compile_heads(request)
+    if json_out:
+        _emit_json(result.to_dict())
+        return
+    err.print(
+        f"[green]compiled[/] {params_dir} -> {result.output}: {result.quantization}, target "
+        f"{result.metadata.get('target_name', target)}, max batch {max_batch_size}, "
+        f"{_human_bytes(result.output.stat().st_size)} in {result.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa verify
+
+
+def _number(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _verify_table(report) -> Table:
+    table = Table(title=f"verify {report.library.name} ({report.thresholds.scheme}, {report.device})",
+                  title_justify="left")
+    table.add_column("head", justify="right")
+    # "ref": the weights the library should hold; "src": the original checkpoint
+    for name in ("ref", "src"):
+        table.add_column(f"{name} err", justify="right")
+        table.add_column(f"{name} cos", justify="right")
+        table.add_column(f"{name} top1", justify="right")
+    table.add_column("result")
+    for head in report.heads:
+        cells = [str(head.head)]
+        for comparison in (head.vs_reference, head.vs_source):
+            if comparison is None:
+                cells += ["-", "-", "-"]
+                continue
+            metrics = comparison.metrics
+            cells += [_number(metrics.max_rel_err), f"{metrics.cosine:.6f}", f"{comparison.top1:.2f}"]
+        cells.append("[green]pass[/]" if head.passed else "[bold red]FAIL[/]")
+        table.add_row(*cells)
+    return table
+
+
+@app.command(
+    epilog=(
+        "Exit codes: 0 every head passes; 1 verification failed: a head's numbers are out of "
+        "bounds, or PARAMS_DIR is corrupted (a shard's md5 or size) or does not match the library "
+        "(so CI gates on both); 2 the command could not run (missing paths, bad flags, --inputs of "
+        "the wrong shape).\n\n"
+        "Each head is compared with the float64 numpy oracle twice: with the weights the library "
+        "should hold (dequantized or rounded to the model dtype; --rtol, --atol, --min-cosine, "
+        "--min-top1, --min-topk) and with the original checkpoint (quantization error included; "
+        "--source-rtol, --source-min-cosine, --source-min-top1). Defaults per scheme are in "
+        "configs/thresholds.json.\n\n"
+        "**Examples**\n\n"
+        "    medusa verify out/params/medusa-llvm-q4f16_1.so out/params\n\n"
+        "    medusa verify heads.so out/params --source ./medusa-vicuna-7b-v1.3 --inputs hidden.npy\n\n"
+        "    medusa verify heads.so out/params --json | jq .verdict"
+    )
+)
+def verify(
+    library: Path = typer.Argument(..., help="Library built by `medusa compile`."),
+    params_dir: Path = typer.Argument(..., help="Its packed parameter directory."),
+    source: Optional[Path] = typer.Option(None, help="Original checkpoint (default: the one recorded in PARAMS_DIR; without it, the packed weights)."),
+    lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, as given to `medusa convert --lm-head`."),
+    device: str = typer.Option("cpu", help="cpu, cuda:0, rocm:0, ... or auto (where the library runs)."),
+    batch: int = typer.Option(4, help="Rows of seeded random hidden states (without --inputs)."),
+    inputs: Optional[Path] = typer.Option(None, help=".npy of real hidden states [batch, hidden_size]."),
+    seed: int = typer.Option(0, help="Seed of the random hidden states."),
+    topk: int = typer.Option(5, help="k of the top-k overlap."),
+    rtol: Optional[float] = typer.Option(None, help="Max error vs reference, relative to the logits' peak."),
+    atol: Optional[float] = typer.Option(None, help="Absolute error allowed on top of --rtol's."),
+    min_cosine: Optional[float] = typer.Option(None, help="Worst row's cosine vs reference."),
+    min_top1: Optional[float] = typer.Option(None, help="Top-1 agreement vs reference (near ties count)."),
+    min_topk: Optional[float] = typer.Option(None, help="Top-k overlap vs reference."),
+    source_rtol: Optional[float] = typer.Option(None, help="Max error vs the source, relative to the logits' peak."),
+    source_min_cosine: Optional[float] = typer.Option(None, help="Worst row's cosine vs the source."),
+    source_min_top1: Optional[float] = typer.Option(None, help="Top-1 agreement vs the source."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Check a compiled library and its parameters against a float64 numpy oracle of the heads."""
+    from .verify import VerifyRequest, verify_heads
+
+    request = VerifyRequest(
+        library=library, params_dir=params_dir, source=source, lm_head=lm_head, device=device,
+        batch=batch, inputs=inputs, seed=seed, topk=topk, rtol=rtol, atol=atol,
+        min_cosine=min_cosine, min_top1=min_top1, min_topk=min_topk, source_rtol=source_rtol,
+        source_min_cosine=source_min_cosine, source_min_top1=source_min_top1,
+    )
+    with _handle_errors(verbose):
+        with err.status("verifying", spinner="dots"):
+            report = verify_heads(request)
+        for warning in report.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        if json_out:
+            _emit_json(report.to_dict())
+        elif report.heads:
+            err.print(_verify_table(report))
+        if report.passed and not json_out:
+            source_words = escape(f"{report.source.kind} {report.source.path}")
+            err.print(f"[green]verified[/] {len(report.heads)} heads against {source_words}",
+                      highlight=False)
+        report.raise_for_verdict()
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa run
+
+
+@app.command(
+    epilog=(
+        "Writes head_0 ... head_{n-1} (float32 [batch, vocab]) and, with --top-k, head_i_topk "
+        "(int32 [batch, K], best first, ties to the lower token id).\n\n"
+        "**Examples**\n\n"
+        "    medusa run heads.so out/params --inputs hidden.npy -o logits.npz\n\n"
+        "    medusa run heads.so out/params --inputs hidden.npy -o logits.npz --top-k 10 --device cuda:0"
+    )
+)
+def run(
+    library: Path = typer.Argument(..., help="Library built by `medusa compile`."),
+    params_dir: Path = typer.Argument(..., help="Its packed parameter directory."),
+    inputs: Path = typer.Option(..., help=".npy of hidden states [batch, hidden_size]."),
+    output: Path = typer.Option(..., "--output", "-o", help=".npz file to write."),
+    device: str = typer.Option("cpu", help="cpu, cuda:0, rocm:0, ... or auto (where the library runs)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Also write each head's top-K token ids."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Run the compiled heads on hidden states and write their logits."""
+    from .run import RunRequest, run_heads
+
+    request = RunRequest(library=library, params_dir=params_dir, inputs=inputs, output=output,
+                         device=device, top_k=top_k)
+    with _handle_errors(verbose):
+        result = run_heads(request)
+    if json_out:
+        _emit_json(result.to_dict())
+        return
+    top = f", top-{result.top_k} ids" if result.top_k else ""
+    err.print(
+        f"[green]wrote[/] {result.output}: {result.num_heads} heads x batch {result.batch} x vocab "
+        f"{result.vocab_size}{top} in {result.seconds:.2f} s",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa build
+
+
+@app.command(
+    epilog=(
+        "OUT_DIR receives params/, the library and build-report.json, all at once and only if "
+        "the build passes: a failed verification (exit 1) or an error (exit 2) leaves nothing. "
+        "Libraries for a device this machine lacks are built and published with verification "
+        "skipped (the report says why).\n\n"
+        "**Examples**\n\n"
+        "    medusa build ./medusa-vicuna-7b-v1.3 --target llvm --quantization q4f16_1 -o out/build\n\n"
+        "    medusa build ckpt --target cuda --arch sm_90 -q q0f16 -o out/cuda --json > report.json"
+    )
+)
+def build(
+    source: Path = typer.Argument(..., help="Checkpoint directory, weights file or shard index."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write (params/, library, build-report.json)."),
+    target: str = typer.Option("llvm", help="As for `medusa compile --target`."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="q0f32, q0f16, q0bf16, q4f16_1, q4f32_1 or q3f16_1 (default: the source's dtype)."),
+    arch: Optional[str] = typer.Option(None, help="As for `medusa compile --arch`."),
+    layout: str = typer.Option("auto", help="auto, medusa1, medusa2, trtllm, vllm or mlc."),
+    lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
+    max_batch_size: int = typer.Option(8, help="Largest batch the library accepts."),
+    batch: int = typer.Option(4, help="Rows of random hidden states the verification uses."),
+    seed: int = typer.Option(0, help="Seed of those hidden states."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Convert, compile and verify in one command, with one JSON report (for CI)."""
+    from .build import BuildRequest, build_heads
+
+    request = BuildRequest(
+        source=source, output=output, target=target, quantization=quantization, arch=arch,
+        layout=layout, lm_head=lm_head, max_batch_size=max_batch_size, batch=batch, seed=seed,
+        force=force,
+    )
+    with _handle_errors(verbose):
+        with err.status("building", spinner="dots") as status:
+            report = build_heads(request, stage=lambda name: status.update(f"{name}..."))
+        for warning in report.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        if json_out:
+            _emit_json(report.to_dict())
+        else:
+            rows = [("verdict", report.verdict), ("params", report.params_dir), ("library", report.library)]
+            if report.skipped:
+                rows.append(("verification", f"skipped: {report.skipped}"))
+            rows += [(f"{stage} seconds", f"{seconds:.1f}") for stage, seconds in report.seconds.items()]
+            err.print(_key_value_table(f"build {report.output}", rows))
+        if report.failure:
+            raise VerificationFailed(f"{report.failure}; {report.output} was not written")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,206 @@
+"""`medusa build`: convert, compile and verify in one step, for CI pipelines, with one report.
+
+OUT_DIR receives params/ (the packed directory), medusa-<target>-<quant>.<so|tar|wasm> and
+build-report.json. Everything is built in a staging directory beside OUT_DIR and renamed into
+place only when the build passed (or its verification had to be skipped): a failed
+verification, an error or Ctrl-C leaves OUT_DIR as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InputError
+
+PARAMS_SUBDIR = "params"
+REPORT_FILE = "build-report.json"
+
+
+@dataclasses.dataclass
+class BuildRequest:
+    source: Path
+    output: Path
+    target: str = "llvm"
+    # None: the source's dtype, as `medusa convert` chooses
+    quantization: str | None = None
+    # CUDA/ROCm arch, as for `medusa compile --arch`
+    arch: str | None = None
+    layout: str = "auto"
+    # base-model weights file holding lm_head.weight, for heads without their own
+    lm_head: Path | None = None
+    max_batch_size: int = 8
+    # hidden-state rows and seed of the verification
+    batch: int = 4
+    seed: int = 0
+    force: bool = False
+
+
+@dataclasses.dataclass
+class BuildReport:
+    output: Path
+    params_dir: Path
+    library: Path
+    convert: dict
+    compile: dict
+    # VerifyReport.to_dict(); None when verification was skipped
+    verify: dict | None
+    # why verification was skipped; None when it ran
+    skipped: str | None
+    # "pass", "fail" or "skipped"
+    verdict: str
+    # failure_message() of a failed verification
+    failure: str | None
+    # whether OUT_DIR was written (not after a failed verification)
+    published: bool
+    warnings: list[str]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "published": self.published,
+            "output": str(self.output),
+            "params_dir": str(self.params_dir),
+            "library": str(self.library),
+            "verification_skipped": self.skipped,
+            "failure": self.failure,
+            "warnings": self.warnings,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "convert": self.convert,
+            "compile": self.compile,
+            "verify": self.verify,
+        }
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists():
+        if not output.is_dir():
+            raise InputError(f"-o {output}: exists and is not a directory; choose another -o")
+        if any(output.iterdir()) and not force:
+            raise InputError(f"-o {output}: directory exists and is not empty; pass --force to replace it")
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Rename the finished staging directory to output; an old output goes only at the end."""
+    if output.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def _device_for(kind: str) -> tuple[str | None, str | None]:
+    """(device to verify on, None) for a library of TVM target `kind`, or (None, why not)."""
+    if kind == "llvm":
+        return "cpu", None
+    import tvm
+
+    try:
+        present = bool(tvm.device(kind, 0).exist)
+    except Exception:  # a device API that cannot even be queried counts as absent
+        present = False
+    if present:
+        return f"{kind}:0", None
+    return None, (
+        f"no {kind} device on this machine; run `medusa verify LIB PARAMS_DIR --device {kind}:0` "
+        "where one is"
+    )
+
+
+def _move_paths(report: dict, staging: Path, output: Path) -> dict:
+    """The verify report with paths inside the staging directory pointing into OUT_DIR."""
+    text = json.dumps(report)
+    return json.loads(text.replace(json.dumps(str(staging))[1:-1], json.dumps(str(output))[1:-1]))
+
+
+def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = None) -> BuildReport:
+    """Convert request.source, compile for request.target, verify where the library can run.
+
+    stage(name) is called as each of "convert", "compile" and "verify" starts.
+    """
+    from .compile import CompileRequest, compile_heads
+    from .convert import ConvertRequest, convert_checkpoint
+    from .quant import get_scheme
+    from .targets import resolve_target
+    from .verify import VerifyRequest, verify_heads
+
+    output = Path(request.output)
+    _prepare_output(output, request.force)
+    if request.max_batch_size < 1:
+        raise InputError(f"--max-batch-size {request.max_batch_size}: must be at least 1")
+    if request.batch < 1:
+        raise InputError(f"--batch {request.batch}: must be at least 1")
+    if request.quantization is not None:
+        get_scheme(request.quantization)
+    # Resolved before any work so an unknown target or missing toolchain costs nothing.
+    target = resolve_target(request.target, request.arch)
+    seconds: dict[str, float] = {}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        if stage:
+            stage("convert")
+        started = time.perf_counter()
+        converted = convert_checkpoint(ConvertRequest(
+            source=request.source, output=staging / PARAMS_SUBDIR, quantization=request.quantization,
+            layout=request.layout, lm_head=request.lm_head, max_batch_size=request.max_batch_size,
+        ))
+        seconds["convert"] = time.perf_counter() - started
+
+        if stage:
+            stage("compile")
+        started = time.perf_counter()
+        library_name = f"medusa-{target.name}-{converted.quantization}{target.suffix}"
+        compiled = compile_heads(CompileRequest(
+            params_dir=staging / PARAMS_SUBDIR, target=request.target, arch=request.arch,
+            max_batch_size=request.max_batch_size, output=staging / library_name,
+        ))
+        seconds["compile"] = time.perf_counter() - started
+
+        device, skipped = _device_for(target.kind)
+        verify = None
+        verdict, failure = "skipped", None
+        if device is not None:
+            if stage:
+                stage("verify")
+            started = time.perf_counter()
+            verified = verify_heads(VerifyRequest(
+                library=staging / library_name, params_dir=staging / PARAMS_SUBDIR,
+                source=Path(request.source), lm_head=request.lm_head, device=device,
+                batch=request.batch, seed=request.seed,
+            ))
+            seconds["verify"] = time.perf_counter() - started
+            verify = _move_paths(verified.to_dict(), staging, output)
+            verdict = verified.verdict
+            failure = None if verified.passed else verified.failure_message()
+
+        report = BuildReport(
+            output=output,
+            params_dir=output / PARAMS_SUBDIR,
+            library=output / library_name,
+            convert=_move_paths(converted.to_dict(), staging, output),
+            compile=_move_paths(compiled.to_dict(), staging, output),
+            verify=verify,
+            skipped=skipped,
+            verdict=verdict,
+            failure=failure,
+            warnings=converted.warnings + (verify["warnings"] if verify else []),
+            seconds=seconds,
+            published=verdict != "fail",
+        )
+        if report.published:
+            (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            _publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
