@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import check_output_dir, staged_directory
 from .errors import InputError
 
 PARAMS_SUBDIR = "params"
@@ -79,25 +77,6 @@ class BuildReport:
         }
 
 
-def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists():
-        if not output.is_dir():
-            raise InputError(f"-o {output}: exists and is not a directory; choose another -o")
-        if any(output.iterdir()) and not force:
-            raise InputError(f"-o {output}: directory exists and is not empty; pass --force to replace it")
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Rename the finished staging directory to output; an old output goes only at the end."""
-    if output.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, trash / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
 def _device_for(kind: str) -> tuple[str | None, str | None]:
     """(device to verify on, None) for a library of TVM target `kind`, or (None, why not)."""
     if kind == "llvm":
@@ -134,7 +113,7 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
     from .verify import VerifyRequest, verify_heads
 
     output = Path(request.output)
-    _prepare_output(output, request.force)
+    check_output_dir(output, request.force)
     if request.max_batch_size < 1:
         raise InputError(f"--max-batch-size {request.max_batch_size}: must be at least 1")
     if request.batch < 1:
@@ -145,9 +124,8 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
     target = resolve_target(request.target, request.arch)
     seconds: dict[str, float] = {}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_directory(output) as staged:
+        staging = staged.path
         if stage:
             stage("convert")
         started = time.perf_counter()
@@ -200,7 +178,5 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
         )
         if report.published:
             (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            _publish(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staged.publish()
     return report

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .atomic import staged_file
 from .config import CONFIG_FILE, TENSOR_CACHE_FILE, MedusaConfig, read_packed_config
 from .errors import CompileError, InputError, MedusaError, ParamsError, ToolchainError
 from .quant import QuantScheme, get_scheme
@@ -575,30 +576,18 @@ def _nbytes(shape, dtype: str) -> int:
     return count * {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}[dtype]
 
 
-def _temporary_beside(output: Path) -> Path:
-    """An empty file next to `output` with the same suffix (export_library picks the format by it)."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=output.suffix, dir=output.parent)
-    except OSError as exc:
-        raise InputError(f"-o {output}: cannot write there ({exc.strerror})") from None
-    os.close(fd)
-    return Path(name)
-
-
 def _export(executable, target: ResolvedTarget, output: Path, metadata: dict) -> None:
     """Write the library to a temporary file beside `output`, then rename it into place."""
-    tmp = _temporary_beside(output)
+    kwargs = {}
+    if target.device_code == "fatbin":
+        kwargs["fpack_imports"] = _fatbin_pack_imports(target.cuda_arches)
     try:
-        with tempfile.TemporaryDirectory(prefix="medusa-export-") as workdir:
+        with staged_file(output) as tmp, tempfile.TemporaryDirectory(prefix="medusa-export-") as workdir:
             addons = []
             if output.suffix != ".wasm":
                 source = Path(workdir) / _METADATA_SOURCE
                 source.write_text(_metadata_source(metadata))
                 addons.append(str(source))
-            kwargs = {}
-            if target.device_code == "fatbin":
-                kwargs["fpack_imports"] = _fatbin_pack_imports(target.cuda_arches)
             try:
                 executable.export_library(str(tmp), addons=addons, workspace_dir=workdir, **kwargs)
             except MedusaError:
@@ -607,9 +596,8 @@ def _export(executable, target: ResolvedTarget, output: Path, metadata: dict) ->
                 raise CompileError(
                     f"-o {output}: exporting the {target.name} library failed ({error_gist(exc)})"
                 ) from exc
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise InputError(f"-o {output}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _resolve_tree(request: CompileRequest, config: MedusaConfig,

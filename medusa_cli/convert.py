@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quant
+from .atomic import check_output_dir, staged_directory
 from .checkpoint import (
     Checkpoint,
     HeadPlan,
@@ -140,25 +138,6 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
     return digest.hexdigest()
 
 
-def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists():
-        if not output.is_dir():
-            raise InputError(f"{output}: exists and is not a directory; choose another -o")
-        if any(output.iterdir()) and not force:
-            raise InputError(f"{output}: directory exists and is not empty; pass --force to replace it")
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move the finished staging directory to output, replacing an old one only at the end."""
-    if output.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, trash / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
 def _converted_stream(
     plan: HeadPlan,
     ckpt: Checkpoint,
@@ -216,7 +195,7 @@ def convert_checkpoint(
     """
     started = time.perf_counter()
     output = Path(request.output)
-    _prepare_output(output, request.force)
+    check_output_dir(output, request.force)
     if request.max_batch_size < 1:
         raise InputError(f"--max-batch-size {request.max_batch_size}: must be at least 1")
 
@@ -249,9 +228,8 @@ def convert_checkpoint(
         stack.callback(stop_hashing.set)
         digests = {p: hasher.submit(sha256_file, p, stop_hashing) for p in source_files}
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        try:
+        with staged_directory(output) as stage:
+            staging = stage.path
             if progress is not None:
                 progress(0, total_bytes)
             cache = write_tensor_cache(
@@ -276,10 +254,7 @@ def convert_checkpoint(
             }
             packed = PackedConfig(model=config, quantization=scheme.name, source=provenance)
             (staging / CONFIG_FILE).write_text(packed.to_json())
-            _publish(staging, output)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            stage.publish()
 
     return ConvertResult(
         output=output,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_output_dir, staged_directory
 from .checkpoint import LAYOUT_NAMES, get_layout
 from .config import MedusaConfig
 from .errors import InputError
@@ -240,8 +238,7 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         raise InputError(f"--shards {request.shards}: must be at least 1")
     config, base_model = preset_config(request.preset)
     output = Path(request.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not request.force:
-        raise InputError(f"{output}: exists and is not empty; pass --force to replace it")
+    check_output_dir(output, request.force, flag="OUT")
 
     specs = example_tensors(config, request.layout, request.dtype, request.seed, request.bias,
                             request.head_lm_head)
@@ -249,9 +246,8 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         stem = "pytorch_model"
     suffix = ".safetensors" if file_format == "safetensors" else (".pt" if stem == "medusa_lm_head" else ".bin")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_directory(output) as stage:
+        staging = stage.path
         files = []
         groups = _split(specs, request.shards) if request.shards > 1 else [specs]
         weight_map = {}
@@ -280,13 +276,7 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         config_json = {**fixed, **{key: values[field] for field, key in spellings.items()}}
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         files.append("config.json")
-
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        stage.publish()
     paths = [output / f for f in files]
     return ExampleResult(
         output=output,

@@ -11,14 +11,13 @@ temporary file beside the output and renamed, so a failure never leaves a partia
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .config import MedusaConfig
+from .atomic import staged_file
 from .errors import InputError
 from .quant import NUMPY_DTYPES, cast_to
 
@@ -150,19 +149,10 @@ def write_npz_atomically(output: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez into a temporary file beside `output`, renamed into place once complete."""
     output = Path(output)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-    except OSError as exc:
-        raise InputError(f"-o {output}: cannot write there ({exc.strerror})") from None
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with staged_file(output) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, output)
     except OSError as exc:
         raise InputError(f"-o {output}: writing failed ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_heads(request: RunRequest) -> RunResult:

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 
+from .atomic import staged_file
 from .errors import CheckpointError, UnsafePickleError
 
 # Typed storage classes torch names in persistent ids, and the element each holds.
@@ -619,9 +620,8 @@ def save_torch_checkpoint(
     reads. Tensors are written one at a time into a temporary file renamed onto ``path``."""
     path = Path(path)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as file, _ArchiveWriter(file) as writer:
+        with staged_file(path) as tmp, open(tmp, "wb") as file, _ArchiveWriter(file) as writer:
             entries: dict[str, _TensorRecord] = {}
             for name, value in items:
                 array = _storage_array(name, value)
@@ -633,10 +633,5 @@ def save_torch_checkpoint(
                 stride = _contiguous_stride(array.shape)
                 entries[name] = _TensorRecord(ref, ref.dtype, 0, array.shape, stride)
             writer.finish(entries.items())
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

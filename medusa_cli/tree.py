@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import staged_file
 from .errors import InputError
 from .resources import config_file
 
@@ -232,14 +233,10 @@ class TreeBuffers:
     def to_npz(self, path: str | os.PathLike) -> Path:
         """Write the buffers to `path` (an .npz file) via a temporary file and a rename."""
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
+            with staged_file(path) as partial, open(partial, "wb") as f:
                 np.savez(f, **self.as_dict())
-            os.replace(partial, path)
         except OSError as err:
-            partial.unlink(missing_ok=True)
             raise InputError(
                 f"{path}: cannot write the tree buffers ({err.strerror}); choose another output path"
             ) from None
