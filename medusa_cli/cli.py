@@ -433,6 +433,16 @@ def verify(
             _emit_json(report.to_dict())
         elif report.heads:
             err.print(_verify_table(report))
+            if report.tree is not None:
+                t = report.tree
+                agreement = ", ".join(f"{a:.0%}" for a in t.oracle_agreement_per_depth)
+                colour = "green" if t.passed else "red"
+                err.print(
+                    f"[{colour}]tree {escape(t.name)}[/]: {t.nodes} nodes; candidates vs oracle per depth "
+                    f"{agreement}{' (exact required)' if t.oracle_exact_required else ''}; "
+                    f"{t.self_mismatches} differ from the library's own logits",
+                    highlight=False,
+                )
         if report.passed and not json_out:
             source_words = escape(f"{report.source.kind} {report.source.path}")
             err.print(f"[green]verified[/] {len(report.heads)} heads against {source_words}",
@@ -447,10 +457,12 @@ def verify(
 @app.command(
     epilog=(
         "Writes head_0 ... head_{n-1} (float32 [batch, vocab]) and, with --top-k, head_i_topk "
-        "(int32 [batch, K], best first, ties to the lower token id).\n\n"
+        "(int32 [batch, K], best first, ties to the lower token id); with --base-logits, "
+        "tree_candidates [batch, nodes] and cart_candidates [batch, leaves, depth + 1] (int32).\n\n"
         "**Examples**\n\n"
         "    medusa run heads.so out/params --inputs hidden.npy -o logits.npz\n\n"
-        "    medusa run heads.so out/params --inputs hidden.npy -o logits.npz --top-k 10 --device cuda:0"
+        "    medusa run heads.so out/params --inputs hidden.npy -o logits.npz --top-k 10 --device cuda:0\n\n"
+        "    medusa run tree.so out/params --inputs hidden.npy --base-logits base.npy -o candidates.npz"
     )
 )
 def run(
@@ -460,20 +472,25 @@ def run(
     output: Path = typer.Option(..., "--output", "-o", help=".npz file to write."),
     device: str = typer.Option("cpu", help="cpu, cuda:0, rocm:0, ... or auto (where the library runs)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Also write each head's top-K token ids."),
+    base_logits: Optional[Path] = typer.Option(
+        None, help=".npy of the base model's logits [batch, vocab]: also write tree_candidates and "
+        "cart_candidates (library compiled with --tree)."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Run the compiled heads on hidden states and write their logits."""
+    """Run the compiled heads on hidden states and write their logits (and tree candidates)."""
     from .run import RunRequest, run_heads
 
     request = RunRequest(library=library, params_dir=params_dir, inputs=inputs, output=output,
-                         device=device, top_k=top_k)
+                         device=device, top_k=top_k, base_logits=base_logits)
     with _handle_errors(verbose):
         result = run_heads(request)
     if json_out:
         _emit_json(result.to_dict())
         return
     top = f", top-{result.top_k} ids" if result.top_k else ""
+    if "tree_candidates" in result.arrays:
+        top += ", tree candidates"
     err.print(
         f"[green]wrote[/] {result.output}: {result.num_heads} heads x batch {result.batch} x vocab "
         f"{result.vocab_size}{top} in {result.seconds:.2f} s",

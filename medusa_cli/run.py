@@ -4,7 +4,9 @@
     run_heads(RunRequest("heads.so", "params", inputs=Path("hidden.npy"), output=Path("logits.npz")))
 
 The output holds `head_0` ... `head_{n-1}` (float32 [batch, vocab]) and, with top_k, also
-`head_i_topk` (int32 [batch, top_k], best first, ties to the lower token id). It is written to a
+`head_i_topk` (int32 [batch, top_k], best first, ties to the lower token id). With base_logits
+(and a library compiled with a tree) also `tree_candidates` [batch, nodes] and
+`cart_candidates` [batch, leaves, depth + 1], int32. It is written to a
 temporary file beside the output and renamed, so a failure never leaves a partial file.
 """
 
@@ -38,6 +40,9 @@ class RunRequest:
     device: str = "cpu"
     # also write each head's top-k token ids; None writes logits only
     top_k: int | None = None
+    # .npy of the base model's logits [batch, vocab]: also write the tree candidates
+    # (needs a library compiled with --tree)
+    base_logits: Path | None = None
 
 
 @dataclasses.dataclass
@@ -145,6 +150,31 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(order[:, :k]).astype(np.int32)
 
 
+def load_base_logits(path: Path, batch: int, vocab_size: int) -> np.ndarray:
+    """Base-model logits [batch, vocab] float32 from a .npy file, one row per hidden-state row."""
+    path = Path(path)
+    expected = f"[{batch}, {vocab_size}] floats (one row of base logits per row of hidden states)"
+    if not path.is_file():
+        raise InputError(f"--base-logits {path}: no such file; save {expected} with numpy.save")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise InputError(f"--base-logits {path}: not a .npy array; save {expected} with numpy.save") from None
+    if not isinstance(loaded, np.ndarray) or loaded.shape != (batch, vocab_size) \
+            or str(loaded.dtype) not in _HIDDEN_DTYPES:
+        what = f"shape {list(loaded.shape)}, dtype {loaded.dtype}" if isinstance(loaded, np.ndarray) else "an archive"
+        raise InputError(f"--base-logits {path}: holds {what}, expected {expected}")
+    return cast_to(loaded, "float32")
+
+
+def candidates_in_batches(heads, base_logits: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """heads.get_tree_candidates in slices of the library's max batch size."""
+    step = heads.max_batch_size
+    parts = [heads.get_tree_candidates(base_logits[i:i + step], hidden[i:i + step])
+             for i in range(0, hidden.shape[0], step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def write_npz_atomically(output: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez into a temporary file beside `output`, renamed into place once complete."""
     output = Path(output)
@@ -172,6 +202,14 @@ def run_heads(request: RunRequest) -> RunResult:
             f"--top-k {request.top_k}: must be between 1 and the vocab size {config.vocab_size}"
         )
     hidden = load_hidden_states(request.inputs, config.hidden_size, metadata["dtype"])
+    base_logits = None
+    if request.base_logits is not None:
+        if not metadata.get("tree"):
+            raise InputError(
+                f"--base-logits: {request.library} was compiled without a tree; recompile with "
+                "`medusa compile --tree CHOICES` to get tree candidates"
+            )
+        base_logits = load_base_logits(request.base_logits, int(hidden.shape[0]), config.vocab_size)
     heads = load_heads(request.library, request.params_dir, device=request.device)
     vocab = heads.config.vocab_size
 
@@ -180,6 +218,8 @@ def run_heads(request: RunRequest) -> RunResult:
         arrays[f"head_{h}"] = logits
         if request.top_k is not None:
             arrays[f"head_{h}_topk"] = top_k_ids(logits, request.top_k)
+    if base_logits is not None:
+        arrays["tree_candidates"], arrays["cart_candidates"] = candidates_in_batches(heads, base_logits, hidden)
     write_npz_atomically(output, arrays)
     return RunResult(
         output=output,

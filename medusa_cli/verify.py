@@ -250,6 +250,44 @@ class HeadReport:
 
 
 @dataclasses.dataclass
+class TreeReport:
+    """Tree candidates computed in the library, checked twice.
+
+    - against tree.generate_candidates fed with the library's own logits: the candidate kernels
+      (top-k, gathers) must agree exactly, whatever the scheme;
+    - against generate_candidates fed with the oracle's logits: nodes that agree, per depth.
+      Exact agreement is required where the scheme keeps float32 weights (q0f32); elsewhere
+      rounding legitimately reorders near-tied candidates, so it is reported, not judged.
+    """
+
+    name: str
+    nodes: int
+    # tree nodes (root excluded) per depth whose candidate matches, vs the oracle's logits
+    oracle_agreement_per_depth: list[float]
+    oracle_exact_required: bool
+    # candidates (tree and cartesian) that differ from generate_candidates on the library's logits
+    self_mismatches: int
+
+    @property
+    def passed(self) -> bool:
+        exact = all(a == 1.0 for a in self.oracle_agreement_per_depth)
+        return self.self_mismatches == 0 and (exact or not self.oracle_exact_required)
+
+    @property
+    def reason(self) -> str | None:
+        if self.self_mismatches:
+            return (f"tree {self.name}: {self.self_mismatches} candidates differ from the tree "
+                    "algorithm applied to the library's own logits")
+        if not self.passed:
+            agreement = ", ".join(f"{a:.3f}" for a in self.oracle_agreement_per_depth)
+            return f"tree {self.name}: candidates differ from the oracle's (agreement per depth {agreement})"
+        return None
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed, "reason": self.reason}
+
+
+@dataclasses.dataclass
 class Integrity:
     """The packed directory checked against tensor-cache.json and the library's parameter list."""
 
@@ -287,10 +325,13 @@ class VerifyReport:
     heads: list[HeadReport]
     warnings: list[str]
     seconds: float
+    # None when the library has no tree
+    tree: TreeReport | None = None
 
     @property
     def passed(self) -> bool:
-        return self.integrity.ok and bool(self.heads) and all(h.passed for h in self.heads)
+        return (self.integrity.ok and bool(self.heads) and all(h.passed for h in self.heads)
+                and (self.tree is None or self.tree.passed))
 
     @property
     def verdict(self) -> str:
@@ -305,6 +346,8 @@ class VerifyReport:
         if not self.integrity.ok:
             return f"verification failed: {self.integrity.error}"
         parts = [f"head {h.head}: {h.reasons[0]}" for h in self.heads if not h.passed]
+        if not parts and self.tree is not None:
+            return f"verification failed: {self.tree.reason}"
         return f"verification failed for {len(parts)} of {len(self.heads)} heads: " + "; ".join(parts)
 
     def raise_for_verdict(self) -> None:
@@ -334,6 +377,7 @@ class VerifyReport:
             "integrity": dataclasses.asdict(self.integrity),
             "thresholds": self.thresholds.to_dict(),
             "heads": [h.to_dict() for h in self.heads],
+            "tree": None if self.tree is None else self.tree.to_dict(),
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
@@ -590,15 +634,19 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
 
         from .runtime import load_heads
 
-        compiled = logits_in_batches(load_heads(library, params_dir, device=request.device), hidden)
+        runtime = load_heads(library, params_dir, device=request.device)
+        compiled = logits_in_batches(runtime, hidden)
         hidden64 = to_float64(hidden)
         heads = []
+        references = []
         for index, head in enumerate(oracle_heads):
             from_source = None
             if source.kind == "checkpoint":
                 from_source = head_logits(head, hidden64)
                 head = dequantized_head(head, scheme)
             reference = head_logits(head, hidden64)
+            if runtime.has_tree and index < runtime.tree.depth:
+                references.append(reference)
             del head
             slack = tie_slack(reference, thresholds)
             got = compiled[index]
@@ -608,6 +656,40 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
                 vs_source=None if from_source is None else
                 judge(got, from_source, thresholds.source, slack, request.topk, SOURCE),
             ))
+        tree = _check_tree(runtime, scheme, hidden, compiled, references, request.seed) \
+            if runtime.has_tree else None
         if changed is not None:
             warnings += changed.result()
-    return report(integrity=integrity, source=source, inputs=inputs, heads=heads, warnings=warnings)
+    return report(integrity=integrity, source=source, inputs=inputs, heads=heads, warnings=warnings,
+                  tree=tree)
+
+
+# Base-model logits for the tree check: a realistic spread (std 3, like a 7B model's logits).
+_BASE_LOGITS_STD = 3.0
+
+
+def _check_tree(runtime, scheme: QuantScheme, hidden: np.ndarray, compiled: list[np.ndarray],
+                references: list[np.ndarray], seed: int) -> TreeReport:
+    from .run import candidates_in_batches
+    from .tree import build_buffers, generate_candidates
+
+    tree, topk = runtime.tree, runtime.topk
+    buffers = build_buffers(tree, topk)
+    rng = np.random.default_rng([seed, 1])
+    base = (rng.standard_normal((hidden.shape[0], runtime.config.vocab_size)) * _BASE_LOGITS_STD).astype(np.float32)
+    got_tree, got_cart = candidates_in_batches(runtime, base, hidden)
+    own_tree, own_cart = generate_candidates(base, compiled[:tree.depth], buffers, topk)
+    self_mismatches = int(np.count_nonzero(got_tree != own_tree) + np.count_nonzero(got_cart != own_cart))
+    oracle_tree, _ = generate_candidates(base, references, buffers, topk)
+    depth_of_node = buffers.medusa_position_ids  # [nodes], 0 for the root
+    agreement = []
+    for depth in range(1, tree.depth + 1):
+        columns = depth_of_node == depth
+        agreement.append(float(np.mean(got_tree[:, columns] == oracle_tree[:, columns])))
+    return TreeReport(
+        name=tree.name,
+        nodes=tree.num_nodes,
+        oracle_agreement_per_depth=agreement,
+        oracle_exact_required=not scheme.is_quantized and scheme.model_dtype == "float32",
+        self_mismatches=self_mismatches,
+    )

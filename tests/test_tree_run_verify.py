@@ -1,0 +1,116 @@
+"""Tree candidates through `medusa run --base-logits` and `medusa verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medusa_cli.cli import app
+from medusa_cli.compile import CompileRequest, compile_heads
+from medusa_cli.convert import ConvertRequest, convert_checkpoint
+from medusa_cli.example import ExampleRequest, write_example
+from medusa_cli.tree import build_buffers, generate_candidates, load_tree
+
+runner = CliRunner()
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]]
+TOPK = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tree-run")
+    ckpt = write_example(ExampleRequest(output=root / "ckpt", layout="vllm", seed=3)).output
+    tree_file = root / "tree.json"
+    tree_file.write_text(json.dumps(TREE))
+    out = {"ckpt": ckpt, "tree": tree_file}
+    for scheme in ("q0f32", "q4f16_1"):
+        params = convert_checkpoint(ConvertRequest(ckpt, root / f"params-{scheme}", quantization=scheme)).output
+        out[f"{scheme}-params"] = params
+        out[scheme] = compile_heads(CompileRequest(params, target="llvm", tree=str(tree_file), topk=TOPK,
+                                                   output=root / f"{scheme}.so")).output
+    out["plain"] = compile_heads(CompileRequest(out["q0f32-params"], target="llvm", output=root / "plain.so")).output
+    rng = np.random.default_rng(0)
+    np.save(root / "hidden.npy", rng.standard_normal((5, 64)).astype(np.float32))
+    np.save(root / "base.npy", (rng.standard_normal((5, 256)) * 3).astype(np.float32))
+    np.save(root / "base-bad.npy", np.zeros((4, 256), np.float32))
+    out["root"] = root
+    return out
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("scheme", ["q0f32", "q4f16_1"])
+def test_run_writes_candidates_equal_to_the_tree_algorithm_on_its_logits(built, tmp_path, scheme):
+    out = tmp_path / "c.npz"
+    root = built["root"]
+    result = invoke("run", built[scheme], built[f"{scheme}-params"], "--inputs", root / "hidden.npy",
+                    "--base-logits", root / "base.npy", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "tree_candidates" in json.loads(result.stdout)["arrays"]
+    with np.load(out) as arrays:
+        logits = [arrays[f"head_{h}"] for h in range(3)]
+        buffers = build_buffers(load_tree(built["tree"], topk=TOPK), TOPK)
+        tree_expected, cart_expected = generate_candidates(np.load(root / "base.npy"), logits, buffers, TOPK)
+        # batch 5 runs as one call: max batch size is 8
+        np.testing.assert_array_equal(arrays["tree_candidates"], tree_expected)
+        np.testing.assert_array_equal(arrays["cart_candidates"], cart_expected)
+        assert arrays["tree_candidates"].shape == (5, len(TREE) + 1)
+        assert arrays["tree_candidates"].dtype == np.int32
+
+
+def test_run_base_logits_need_a_tree_and_the_right_shape(built, tmp_path):
+    root = built["root"]
+    out = tmp_path / "c.npz"
+    result = invoke("run", built["plain"], built["q0f32-params"], "--inputs", root / "hidden.npy",
+                    "--base-logits", root / "base.npy", "-o", out)
+    assert result.exit_code == 2 and "compiled without a tree" in result.stderr and "--tree" in result.stderr
+    result = invoke("run", built["q0f32"], built["q0f32-params"], "--inputs", root / "hidden.npy",
+                    "--base-logits", root / "base-bad.npy", "-o", out)
+    assert result.exit_code == 2
+    assert "[4, 256]" in result.stderr and "[5, 256]" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scheme,exact", [("q0f32", True), ("q4f16_1", False)])
+def test_verify_reports_tree_agreement(built, scheme, exact):
+    result = invoke("verify", built[scheme], built[f"{scheme}-params"], "--json", "--batch", "6")
+    assert result.exit_code == 0, result.stderr
+    tree = json.loads(result.stdout)["tree"]
+    assert tree["self_mismatches"] == 0 and tree["passed"]
+    assert tree["oracle_exact_required"] is exact
+    assert len(tree["oracle_agreement_per_depth"]) == 3
+    if exact:
+        assert tree["oracle_agreement_per_depth"] == [1.0, 1.0, 1.0]
+    assert all(0.5 <= a <= 1.0 for a in tree["oracle_agreement_per_depth"])
+
+
+def test_verify_fails_when_the_candidate_kernel_is_wrong(built, monkeypatch):
+    from medusa_cli import runtime
+
+    original = runtime.CompiledHeads.get_tree_candidates
+
+    def off_by_one(self, base, hidden):
+        tree_candidates, cart = original(self, base, hidden)
+        tree_candidates = tree_candidates.copy()
+        tree_candidates[:, 2] += 1  # one node's token is wrong
+        return tree_candidates, cart
+
+    monkeypatch.setattr(runtime.CompiledHeads, "get_tree_candidates", off_by_one)
+    result = invoke("verify", built["q4f16_1"], built["q4f16_1-params"], "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "fail"
+    assert report["tree"]["self_mismatches"] == 4  # one node in each of the 4 rows
+    assert "differ from the tree algorithm" in result.stderr
+
+
+def test_verify_has_no_tree_section_without_a_tree(built):
+    result = invoke("verify", built["plain"], built["q0f32-params"], "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["tree"] is None
