@@ -95,9 +95,12 @@ class BenchReport:
     bandwidth_gbps: float
     rows: list[BenchRow]
     machine: str
+    # get_logits vs get_tree_candidates per batch, for a library compiled with a tree
+    tree: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
+            "tree": [t.to_dict() for t in self.tree],
             "library": str(self.library),
             "quantization": self.quantization,
             "target": self.target,
@@ -234,7 +237,10 @@ def bench_heads(request: BenchRequest) -> BenchReport:
             weight_bytes=weight_bytes,
             floor_s=weight_bytes / (bandwidth * 1e9),
         ))
+    tree = [heads.time_tree_candidates(batch, repeat=max(3, request.repeat // 2))
+            for batch in request.batches] if heads.has_tree else []
     return BenchReport(
+        tree=tree,
         library=Path(request.library),
         quantization=heads.quantization,
         target=str(heads.metadata.get("target", {}).get("kind", "?")),

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .errors import MedusaError, VerificationFailed
+from .errors import InputError, MedusaError, VerificationFailed
 
 app = typer.Typer(
     name="medusa",
@@ -551,6 +551,79 @@ def build(
             err.print(_key_value_table(f"build {report.output}", rows))
         if report.failure:
             raise VerificationFailed(f"{report.failure}; {report.output} was not written")
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa bench
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        batches = ()
+    if not batches:
+        raise InputError(f"--batch {text!r}: expected comma-separated integers such as 1,4,8")
+    return batches
+
+
+@app.command(
+    epilog=(
+        "Times get_logits (warm-up, then median and p10-p90 of --repeat runs) and reports the "
+        "effective GB/s of weight bytes read, the ratio to the memory-bandwidth floor (weight "
+        "bytes / read bandwidth measured in the same run) and to numpy computing the same heads "
+        "in float32, timed back to back with the library. With a tree, also the cost of "
+        "get_tree_candidates. TVM's CPU threads: all cores; set TVM_NUM_THREADS to change.\n\n"
+        "**Examples**\n\n"
+        "    medusa bench heads.so out/params --batch 1,4,8\n\n"
+        "    medusa bench heads.so out/params --repeat 50 --json > bench.json"
+    )
+)
+def bench(
+    library: Path = typer.Argument(..., help="Library built by `medusa compile`."),
+    params_dir: Path = typer.Argument(..., help="Its packed parameter directory."),
+    batch: str = typer.Option("1,8", help="Comma-separated batch sizes."),
+    device: str = typer.Option("cpu", help="cpu, cuda:0, ... (where the library runs)."),
+    repeat: int = typer.Option(20, help="Timed runs per batch size."),
+    warmup: int = typer.Option(3, help="Untimed runs first."),
+    no_numpy: bool = typer.Option(False, "--no-numpy", help="Skip the numpy float32 baseline."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Time the compiled heads against the memory-bandwidth floor and numpy, in one run."""
+    from .bench import BenchRequest, bench_heads
+
+    with _handle_errors(verbose):
+        request = BenchRequest(library=library, params_dir=params_dir, batches=_parse_batches(batch),
+                               device=device, repeat=repeat, warmup=warmup, numpy_baseline=not no_numpy)
+        with err.status("benchmarking", spinner="dots"):
+            report = bench_heads(request)
+    if json_out:
+        _emit_json(report.to_dict())
+        return
+    table = Table(title=f"bench {library.name} ({report.quantization}, {report.device}, "
+                        f"{report.num_threads} threads; read bandwidth {report.bandwidth_gbps:.1f} GB/s)",
+                  title_justify="left")
+    for column in ("batch", "ms (p10-p90)", "GB/s", "vs floor", "numpy ms", "vs numpy"):
+        table.add_column(column, justify="right")
+    for r in report.rows:
+        table.add_row(
+            str(r.batch),
+            f"{r.library.median_s * 1e3:.2f} ({r.library.p10_s * 1e3:.2f}-{r.library.p90_s * 1e3:.2f})",
+            f"{r.gbps:.1f}",
+            f"{r.vs_floor:.2f}x",
+            "-" if r.numpy is None else f"{r.numpy.median_s * 1e3:.2f}",
+            "-" if r.vs_numpy is None else f"{r.vs_numpy:.2f}x",
+        )
+    err.print(table)
+    for t in report.tree:
+        err.print(
+            f"tree batch {t.batch}: get_tree_candidates {t.get_tree_candidates * 1e3:.2f} ms vs "
+            f"get_logits {t.get_logits * 1e3:.2f} ms; top-k and gathers add "
+            f"{t.candidates_cost * 1e3:.2f} ms",
+            highlight=False,
+        )
+    err.print(f"machine: {escape(report.machine)}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,3 +114,28 @@ def test_verify_has_no_tree_section_without_a_tree(built):
     result = invoke("verify", built["plain"], built["q0f32-params"], "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["tree"] is None
+
+
+def test_bench_reports_rows_and_tree_cost(built):
+    from medusa_cli.tensor_cache import read_tensor_cache
+
+    result = invoke("bench", built["q0f32"], built["q0f32-params"], "--batch", "1,3", "--repeat", "3",
+                    "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    weight_bytes = read_tensor_cache(built["q0f32-params"]).param_bytes
+    assert [r["batch"] for r in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert row["weight_bytes"] == weight_bytes
+        assert row["effective_gbps"] == pytest.approx(weight_bytes / (row["median_ms"] / 1e3) / 1e9)
+        assert row["time_vs_numpy"] == pytest.approx(row["median_ms"] / row["numpy_median_ms"])
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+    assert report["bandwidth_gbps"] > 0
+    assert [t["batch"] for t in report["tree"]] == [1, 3] and report["tree"][0]["tree_depth"] == 3
+
+
+def test_bench_rejects_bad_batches(built):
+    result = invoke("bench", built["plain"], built["q0f32-params"], "--batch", "1,x")
+    assert result.exit_code == 2 and "--batch '1,x'" in result.stderr
+    result = invoke("bench", built["plain"], built["q0f32-params"], "--batch", "16")
+    assert result.exit_code == 2 and "--max-batch-size" in result.stderr
