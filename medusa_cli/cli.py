@@ -318,7 +318,7 @@ def compile_command(
     arch: Optional[str] = typer.Option(None, help="CUDA arch(es) such as sm_90 or sm_80,sm_90; ROCm arch such as gfx90a (default: the local GPU's)."),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Must match PARAMS_DIR's scheme (default: PARAMS_DIR's)."),
     max_batch_size: int = typer.Option(8, help="Largest batch get_logits accepts; memory is planned for it."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Library to write: .so (default PARAMS_DIR/medusa-<target>-<quant>.so), .tar (system library) or .wasm (webgpu)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Library to write: .so (default PARAMS_DIR/medusa-TARGET-QUANTIZATION.so), .tar (system library) or .wasm (webgpu)."),
     tree: Optional[str] = typer.Option(None, help="Also compile tree candidate generation for this tree (a shipped name or a JSON file of paths)."),
     topk: Optional[int] = typer.Option(None, help="Candidates per head for --tree (default 10)."),
     json_out: bool = JsonOpt,
