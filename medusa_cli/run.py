@@ -88,34 +88,39 @@ def read_library(library: Path) -> tuple[dict, MedusaConfig]:
     return metadata, MedusaConfig.from_dict(metadata["model_config"])
 
 
-def load_hidden_states(path: Path, hidden_size: int, dtype: str, flag: str = "--inputs") -> np.ndarray:
-    """Hidden states [batch, hidden_size] from a .npy file, rounded to the library's `dtype`.
-
-    Every problem is an InputError naming the file, what it holds and what is expected.
-    """
+def _load_float_array(path: Path, flag: str, what: str, expected: str) -> np.ndarray:
+    """One float array from a .npy file; InputErrors name the flag, the file and `expected`."""
     path = Path(path)
-    expected = f"[batch, {hidden_size}] floats"
     if not path.is_file():
-        raise InputError(f"{flag} {path}: no such file; save hidden states {expected} with numpy.save")
+        raise InputError(f"{flag} {path}: no such file; save {what} {expected} with numpy.save")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(
             f"{flag} {path}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            f"save hidden states {expected} with numpy.save"
+            f"save {what} {expected} with numpy.save"
         ) from None
     if not isinstance(loaded, np.ndarray):
         loaded.close()
         raise InputError(f"{flag} {path}: an .npz archive; save one array {expected} with numpy.save")
+    if str(loaded.dtype) not in _HIDDEN_DTYPES:
+        raise InputError(
+            f"{flag} {path}: {what} have dtype {loaded.dtype}, expected one of {', '.join(_HIDDEN_DTYPES)}"
+        )
+    return loaded
+
+
+def load_hidden_states(path: Path, hidden_size: int, dtype: str, flag: str = "--inputs") -> np.ndarray:
+    """Hidden states [batch, hidden_size] from a .npy file, rounded to the library's `dtype`.
+
+    Every problem is an InputError naming the file, what it holds and what is expected.
+    """
+    expected = f"[batch, {hidden_size}] floats"
+    loaded = _load_float_array(path, flag, "hidden states", expected)
     if loaded.ndim != 2 or loaded.shape[1] != hidden_size or loaded.shape[0] < 1:
         raise InputError(
             f"{flag} {path}: hidden states have shape {list(loaded.shape)}, expected {expected} "
             f"(the library's hidden_size is {hidden_size})"
-        )
-    if str(loaded.dtype) not in _HIDDEN_DTYPES:
-        raise InputError(
-            f"{flag} {path}: hidden states have dtype {loaded.dtype}, expected one of "
-            f"{', '.join(_HIDDEN_DTYPES)}"
         )
     with np.errstate(over="ignore"):  # values beyond the dtype's range become inf, refused below
         rounded = cast_to(loaded, dtype)
@@ -152,18 +157,10 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
 
 def load_base_logits(path: Path, batch: int, vocab_size: int) -> np.ndarray:
     """Base-model logits [batch, vocab] float32 from a .npy file, one row per hidden-state row."""
-    path = Path(path)
-    expected = f"[{batch}, {vocab_size}] floats (one row of base logits per row of hidden states)"
-    if not path.is_file():
-        raise InputError(f"--base-logits {path}: no such file; save {expected} with numpy.save")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        raise InputError(f"--base-logits {path}: not a .npy array; save {expected} with numpy.save") from None
-    if not isinstance(loaded, np.ndarray) or loaded.shape != (batch, vocab_size) \
-            or str(loaded.dtype) not in _HIDDEN_DTYPES:
-        what = f"shape {list(loaded.shape)}, dtype {loaded.dtype}" if isinstance(loaded, np.ndarray) else "an archive"
-        raise InputError(f"--base-logits {path}: holds {what}, expected {expected}")
+    expected = f"[{batch}, {vocab_size}] floats (one row per row of hidden states)"
+    loaded = _load_float_array(path, "--base-logits", "base logits", expected)
+    if loaded.shape != (batch, vocab_size):
+        raise InputError(f"--base-logits {path}: base logits have shape {list(loaded.shape)}, expected {expected}")
     return cast_to(loaded, "float32")
 
 
