@@ -2,8 +2,9 @@
 
 The heads are memory-bound at small batch: each call reads every weight once. So the floor is
 weight bytes / the machine's read bandwidth, measured in the same run; numpy computes the same
-heads in float32 (BLAS) as the practical baseline. Each repeat times the library and numpy back
-to back, so both see the same machine noise; medians and spreads are reported.
+heads in float32 (BLAS) as the practical baseline. Each repeat times the library and numpy one
+after the other (a block of calls each, after a short pause so neither pays for the other's
+spinning threads), so both see the same machine noise; medians and spreads are reported.
 """
 
 from __future__ import annotations
@@ -188,21 +189,33 @@ def numpy_logits(heads, hidden: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+# numpy's OpenBLAS threads and TVM's pool threads keep spinning for a while after a call and
+# slow whichever runs next: each timed block starts after this pause.
+_SETTLE_S = 0.2
+# calls per timed block; a sample is the block's time / this
+_CALLS_PER_SAMPLE = 3
+
+
+def _time_block(run: Callable[[], object]) -> float:
+    time.sleep(_SETTLE_S)
+    start = time.perf_counter()
+    for _ in range(_CALLS_PER_SAMPLE):
+        run()
+    return (time.perf_counter() - start) / _CALLS_PER_SAMPLE
+
+
 def _time_pair(first: Callable[[], object], second: Callable[[], object] | None, repeat: int,
                warmup: int) -> tuple[list[float], list[float]]:
+    """Per-call seconds of `first` and `second`, sampled alternately `repeat` times each."""
     for _ in range(warmup):
         first()
         if second is not None:
             second()
     a, b = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
-        first()
-        a.append(time.perf_counter() - start)
+        a.append(_time_block(first))
         if second is not None:
-            start = time.perf_counter()
-            second()
-            b.append(time.perf_counter() - start)
+            b.append(_time_block(second))
     return a, b
 
 

@@ -198,6 +198,12 @@ def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+    if not target.is_gpu:
+        # Hand schedules for the GEMV kernels: parallel rows, vectorised k, W read once per
+        # call up to batch 8 (cpu_schedule.py). Other targets' kernels are left alone.
+        from .cpu_schedule import schedule_cpu_kernels_pass
+
+        passes.append(schedule_cpu_kernels_pass)
     if target.is_gpu:
         # dl.gpu.Matmul is left out: it segfaults in MatmulTensorization on CUDA float16 with a
         # dynamic batch (TVM 0.27). Fallback binds threads for whatever the others decline.

@@ -125,9 +125,12 @@ class GroupQuantLinear(nn.Module):
             def weight_at(j, k):
                 shift = ((k % per_word) * scheme.bits).astype(storage)
                 code = (q_weight_te[j, k // per_word] >> shift) & mask
-                centred = code.astype(model_dtype) - tirx.const(scheme.max_int, model_dtype)
-                value = centred * q_scale_te[j, k // scheme.group_size]  # rounded to model dtype
-                return value.astype(ACCUMULATE_DTYPE)
+                # (code - max_int) * scale, rounded once to the model dtype as quant.py does.
+                # Computed in float32 (exact: a small integer times a model-dtype scale fits),
+                # so a CPU without native float16 arithmetic rounds once, not after each step.
+                centred = (code.astype("int32") - scheme.max_int).astype(ACCUMULATE_DTYPE)
+                value = centred * q_scale_te[j, k // scheme.group_size].astype(ACCUMULATE_DTYPE)
+                return value.astype(model_dtype).astype(ACCUMULATE_DTYPE)
 
             return _nt_matmul(
                 x_te,
