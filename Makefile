@@ -31,9 +31,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
-# Benchmarks at the vicuna-7b shape; see README "Measurements".
+# Benchmarks at the vicuna-7b shape, written to BENCHMARKS.md; see README "Measurements".
 bench: setup
-	$(BIN)/python -m medusa_cli.bench_convert --preset vicuna-7b --dtype float16
+	$(BIN)/python -m medusa_cli.bench_suite --preset vicuna-7b --output BENCHMARKS.md
 
 clean:
 	rm -rf out bench-out .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from . import quant
 from .atomic import check_output_dir, staged_directory
 from .checkpoint import (
     Checkpoint,
+    map_file_region,
     HeadPlan,
     check_mixed_layouts,
     detect_layout,
@@ -93,6 +95,29 @@ class ConvertResult:
         }
 
 
+# Per float format, its bits with the sign shifted out: a value is NaN or Inf exactly when
+# these are >= the floor (exponent all ones).
+_NONFINITE_FLOOR = {
+    "float16": (np.uint16, 0x7C00 << 1),
+    "bfloat16": (np.uint16, 0x7F80 << 1),
+    "float32": (np.uint32, 0x7F800000 << 1),
+    "float64": (np.uint64, 0x7FF0000000000000 << 1),
+}
+_FINITE_CHUNK = 1 << 22
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf, checked on the bits in cache-sized chunks (numpy's isfinite on float16
+    runs scalar code: 10x slower)."""
+    bits_dtype, floor = _NONFINITE_FLOOR[str(array.dtype)]
+    bits = np.ascontiguousarray(array).reshape(-1).view(bits_dtype)
+    floor = bits_dtype(floor & np.iinfo(bits_dtype).max)
+    for start in range(0, bits.size, _FINITE_CHUNK):
+        if (bits[start:start + _FINITE_CHUNK] << 1).max(initial=0) >= floor:
+            return False
+    return True
+
+
 def resolve_scheme(dtype: str | None, quantization: str | None, source_dtype: np.dtype) -> quant.QuantScheme:
     """--dtype and --quantization together; the source dtype when neither is given."""
     if dtype is not None and dtype not in quant.PLAIN_SCHEME_FOR_DTYPE:
@@ -128,13 +153,15 @@ def config_disagreements(plan: HeadPlan, hints: dict, available_heads: int) -> l
 
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
-    """The file's sha256; None if `stop` was set before it finished."""
+    """The file's sha256; None if `stop` was set before it finished. Hashed through mapped
+    windows of the file: no copies into Python buffers, and a bounded RSS."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, _HASH_CHUNK):
             if stop is not None and stop.is_set():
                 return None
-            digest.update(chunk)
+            digest.update(map_file_region(f.fileno(), start, min(_HASH_CHUNK, size - start)))
     return digest.hexdigest()
 
 
@@ -149,8 +176,8 @@ def _converted_stream(
 ) -> Iterator[tuple[str, np.ndarray]]:
     done = 0
     for name, array, source_name in iter_head_tensors(plan, ckpt, lm_head_ckpt):
-        if not allow_nonfinite and not np.isfinite(array).all():
-            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if not allow_nonfinite and not all_finite(array):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
             raise CheckpointError(
                 f"tensor '{source_name}' has {bad} NaN/Inf values; fix the checkpoint or pass "
                 "--allow-nonfinite"

@@ -381,3 +381,20 @@ def test_pickle_that_calls_os_system_is_refused_and_never_runs(tmp_path):
     message = _assert_refused(tmp_path, src, "posix.system")
     assert str(src) in message
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_all_finite_on_the_bits_agrees_with_isfinite(dtype):
+    from medusa_cli.convert import all_finite
+    from medusa_cli.tensor_cache import numpy_dtype
+
+    np_dtype = numpy_dtype(dtype)
+    values = (np.random.default_rng(1).standard_normal(9000) * 100).astype(np_dtype)
+    largest = np.array([3.0e38 if dtype == "bfloat16" else np.finfo(np_dtype).max], np_dtype)
+    values[:2] = [largest[0], -largest[0]]
+    assert all_finite(values) and all_finite(values[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = values.copy()
+        broken[8765] = bad
+        assert not all_finite(broken)
+        assert not np.isfinite(broken.astype(np.float64)).all()
