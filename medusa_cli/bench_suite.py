@@ -81,8 +81,8 @@ def run_suite(preset: str, schemes: list[str], batches: tuple[int, ...], repeat:
         f"hidden {c.hidden_size}, vocab {c.vocab_size}; target `{target}`.",
         f"- Read bandwidth measured in the same run: "
         f"{min(bandwidths):.1f} to {max(bandwidths):.1f} GB/s (floor = weight bytes / bandwidth).",
-        "- Each repeat times the library and numpy (float32 BLAS, same heads) back to back; "
-        "medians of the repeats. Ratios < 1 mean the library is faster.",
+        "- Each repeat times the library and numpy (float32 BLAS, same heads) one after "
+        "the other, each in a block of calls after a short pause; medians of the repeats. Ratios < 1 mean the library is faster.",
         "",
         "## get_logits",
         "",
