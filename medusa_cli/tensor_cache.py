@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import TENSOR_CACHE_FILE
 from .errors import ParamsError
+from .quant import NUMPY_DTYPES
 
 SHARD_CAP_BYTES = 32 * 1024 * 1024
 _MD5_CHUNK = 1 << 22
@@ -29,10 +30,10 @@ def dtype_name(array: np.ndarray) -> str:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
+    """numpy dtype of a TVM dtype name: the model dtypes (bfloat16 from ml_dtypes) and plain
+    numpy names such as uint32."""
+    if name in NUMPY_DTYPES:
+        return NUMPY_DTYPES[name]
     return np.dtype(name)
 
 
