@@ -204,7 +204,7 @@ def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
         from .cpu_schedule import schedule_cpu_kernels_pass
 
         passes.append(schedule_cpu_kernels_pass)
-    if target.is_gpu:
+    else:
         # dl.gpu.Matmul is left out: it segfaults in MatmulTensorization on CUDA float16 with a
         # dynamic batch (TVM 0.27). Fallback binds threads for whatever the others decline.
         passes.append(

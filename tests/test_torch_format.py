@@ -21,7 +21,6 @@ from medusa_cli.torch_format import (
     _ArchiveWriter,
     _emit_int,
     _emit_str,
-    _pickle_state_dict,
     _StorageRef,
     _TensorRecord,
     save_torch_checkpoint,
