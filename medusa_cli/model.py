@@ -91,7 +91,7 @@ class GroupQuantLinear(nn.Module):
 
     q_weight [out, groups * (group // per_u32)] uint32 and q_scale [out, groups] follow
     quant.py's layout: code k of a row sits at bit (k % per_u32) * bits of word k // per_u32,
-    and W[j, k] = (code - max_int) * q_scale[j, k // group], rounded to the model dtype.
+    and W[j, k] = (code - max_int) * q_scale[j, k // group], kept in float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
@@ -125,12 +125,13 @@ class GroupQuantLinear(nn.Module):
             def weight_at(j, k):
                 shift = ((k % per_word) * scheme.bits).astype(storage)
                 code = (q_weight_te[j, k // per_word] >> shift) & mask
-                # (code - max_int) * scale, rounded once to the model dtype as quant.py does.
-                # Computed in float32 (exact: a small integer times a model-dtype scale fits),
-                # so a CPU without native float16 arithmetic rounds once, not after each step.
+                # (code - max_int) * scale in float32, which holds it exactly: a small integer
+                # times a model-dtype scale. quant.dequantize rounds it to the model dtype; that
+                # rounding (relative 2**-12 in float16) is not repeated here, because two
+                # conversions per weight made float16 the slowest scheme on a CPU (2x q4f32_1),
+                # and the exact product is at least as close to the quantized model.
                 centred = (code.astype("int32") - scheme.max_int).astype(ACCUMULATE_DTYPE)
-                value = centred * q_scale_te[j, k // scheme.group_size].astype(ACCUMULATE_DTYPE)
-                return value.astype(model_dtype).astype(ACCUMULATE_DTYPE)
+                return centred * q_scale_te[j, k // scheme.group_size].astype(ACCUMULATE_DTYPE)
 
             return _nt_matmul(
                 x_te,

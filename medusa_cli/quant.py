@@ -221,10 +221,12 @@ def quantize_weight(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray
 
 
 def dequantize_weight(
-    q_weight: np.ndarray, q_scale: np.ndarray, scheme: QuantScheme, in_features: int
+    q_weight: np.ndarray, q_scale: np.ndarray, scheme: QuantScheme, in_features: int,
+    round_to_model_dtype: bool = True,
 ) -> np.ndarray:
-    """float32 [out, in_features]: (code - max_int) * scale, rounded to the model dtype as the
-    compiled kernel computes it."""
+    """float32 [out, in_features]: (code - max_int) * scale, rounded to the model dtype as
+    MLC-LLM's dequantize stores it; round_to_model_dtype=False keeps the exact float32 product,
+    which is what the compiled kernels multiply by (model.GroupQuantLinear)."""
     _require_quantized(scheme)
     groups = scheme.num_groups(in_features)
     out_features = q_weight.shape[0] if q_weight.ndim == 2 else -1
@@ -250,8 +252,9 @@ def dequantize_weight(
         values = codes.reshape(n, groups, scheme.group_size).astype(np.float32)  # (n, groups, group)
         values -= np.float32(scheme.max_int)
         values *= q_scale[start:stop].astype(np.float32)[:, :, None]
-        # code - max_int is a small integer, so one rounding of the product matches the kernel
-        values = cast_to(values, scheme.model_dtype).astype(np.float32)
+        # code - max_int is a small integer and the product is exact in float32: one rounding
+        if round_to_model_dtype:
+            values = cast_to(values, scheme.model_dtype).astype(np.float32)
         result[start:stop] = values.reshape(n, -1)[:, :in_features]
     return result
 

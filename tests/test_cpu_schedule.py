@@ -3,7 +3,7 @@
 Each scheme's two kernels (the ResBlock with its fused bias/SiLU/residual, and the vocab
 projection) come from model.py through the same legalize + fuse passes as `medusa compile`,
 are scheduled by cpu_schedule, built for llvm and compared with numpy on the weights the
-kernel actually sees (cast to the model dtype, or dequantized as quant.py does). Batches 1 to 8
+kernel actually sees (cast to the model dtype, or dequantized exactly in float32). Batches 1 to 8
 exercise every batch tile, 11 and 16 the repeated 8-row tile with and without a remainder.
 """
 
@@ -49,7 +49,8 @@ def _weights(scheme: quant.QuantScheme, out_features: int, in_features: int, bia
     if scheme.is_quantized:
         q_weight, q_scale = quant.quantize_weight(w, scheme)
         params = [q_weight, q_scale]
-        effective = quant.dequantize_weight(q_weight, q_scale, scheme, in_features)
+        effective = quant.dequantize_weight(q_weight, q_scale, scheme, in_features,
+                                              round_to_model_dtype=False)
     else:
         params = [_numpy(w, scheme.model_dtype)]
         effective = params[0].astype(np.float32)

@@ -179,6 +179,9 @@ def test_dequantize_rounds_the_product_to_the_model_dtype():
     assert float(scale[0, 0]) == 1638 / 2**14
     assert dequantize_weight(words, scale, Q4F16, 32)[0, 0] == 4912 / 2**14
     assert dequantize_weight(words, scale.astype(np.float32), Q4F32, 32)[0, 0] == 4914 / 2**14
+    # what the compiled kernels multiply by: the exact product, not rounded to float16
+    exact = dequantize_weight(words, scale, Q4F16, 32, round_to_model_dtype=False)
+    assert exact[0, 0] == 4914 / 2**14 and exact[0, 1] == 0.0
 
 
 def test_chunked_quantization_matches_single_pass(monkeypatch):
