@@ -130,11 +130,6 @@ def match_name(layout: Layout, name: str) -> HeadTensor | None:
 # Files
 
 
-# MAP_POPULATE maps the region's page-cache pages in one go: a 1.4 GB checkpoint touched page by
-# page otherwise costs ~350k page faults, more system time than reading it.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
 def map_file_region(fd: int, offset: int, nbytes: int) -> np.ndarray:
     """uint8 view of bytes [offset, offset + nbytes) of an open file, memory-mapped read-only.
 
@@ -144,8 +139,7 @@ def map_file_region(fd: int, offset: int, nbytes: int) -> np.ndarray:
     safetensors' safe_open does) grows it by 1.5 GB.
     """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    region = mmap.mmap(fd, offset + nbytes - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ,
-                       offset=start)
+    region = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
     return np.frombuffer(region, dtype=np.uint8, count=nbytes, offset=offset - start)
 
 

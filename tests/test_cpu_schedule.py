@@ -19,8 +19,8 @@ from medusa_cli.runtime import configure_cpu_threads
 
 # (scheme, hidden, vocab): odd sizes; in 96 splits into int4 words and 16-lane vectors, in 200
 # into int3 groups of 40; out 100 and 96 do not divide by every row count of TILE_SHAPE_*.
-# The last two split into no vector at all (in 97 is prime; 100 int4 codes end mid-word and
-# mid-group): the scalar fallback.
+# The last two: in 97 is prime (the scalar fallback, no vector at all); 100 int4 codes end
+# mid-word and mid-group (the reduction runs over the 128 packed codes, x read as zero past 100).
 SHAPES = [
     ("q0f32", 96, 100),
     ("q0f16", 96, 100),
