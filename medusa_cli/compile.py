@@ -645,7 +645,7 @@ def compile_heads(request: CompileRequest) -> CompileResult:
     from .model import MedusaModel
 
     tree = _resolve_tree(request, packed.model, target)
-    model = MedusaModel(packed.model, scheme, tree)
+    model = MedusaModel(packed.model, scheme, tree, cpu_target=None if target.is_gpu else target.target)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     check_params(params_dir, params)

@@ -24,6 +24,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
+from . import cpu_qgemv
 from .config import MedusaConfig
 from .quant import QuantScheme
 from .topk import TopkLayout, chunk_kernel, merge_kernel
@@ -106,10 +107,12 @@ class GroupQuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
-                 out_dtype: str | None = None):
+                 out_dtype: str | None = None, avx512_kernel: bool = False):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
+        # the hand-written x86 AVX-512 kernel (cpu_qgemv.py) instead of the te.compute below
+        self.avx512_kernel = avx512_kernel
         groups = scheme.num_groups(in_features)
         self.q_weight = nn.Parameter((out_features, scheme.packed_words(in_features)),
                                      scheme.storage_dtype)
@@ -128,6 +131,8 @@ class GroupQuantLinear(nn.Module):
         scheme = self.scheme
         model_dtype = self.q_scale.dtype
         out_dtype = self.out_dtype or model_dtype
+        if self.avx512_kernel:
+            return self._forward_avx512(x, out_dtype)
         storage = scheme.storage_dtype
         per_word = scheme.per_storage
         mask = tirx.const((1 << scheme.bits) - 1, storage)
@@ -163,18 +168,43 @@ class GroupQuantLinear(nn.Module):
         return nn.op.tensor_expr_op(compute, "dequantize_linear", args)
 
 
+    def _forward_avx512(self, x: nn.Tensor, out_dtype: str) -> nn.Tensor:
+        kernel = cpu_qgemv.gemv_kernel(self.in_features, self.out_features, self.scheme,
+                                       x.dtype, self.q_scale.dtype)
+        y = nn.op.tensor_ir_op(
+            kernel, "q4_gemv_avx512", [x, self.q_weight, self.q_scale],
+            nn.Tensor.placeholder([x.shape[0], self.out_features], ACCUMULATE_DTYPE),
+        )
+        if self.bias is None and out_dtype == ACCUMULATE_DTYPE:
+            return y
+
+        def epilogue(y_te, *bias_te):
+            def value(i, j):
+                v = y_te[i, j]
+                if bias_te:
+                    v = v + bias_te[0][j].astype(ACCUMULATE_DTYPE)
+                return v.astype(out_dtype)
+
+            return te.compute(y_te.shape, value, name="bias_epilogue")
+
+        return nn.op.tensor_expr_op(epilogue, "bias_epilogue",
+                                    [y] + ([self.bias] if self.bias is not None else []))
+
+
 def make_linear(in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
-                out_dtype: str | None = None) -> nn.Module:
+                out_dtype: str | None = None, cpu_target=None) -> nn.Module:
+    """cpu_target: the llvm Target compiled for, or None; the AVX-512 kernel where it applies."""
     if scheme.is_quantized:
-        return GroupQuantLinear(in_features, out_features, bias, scheme, out_dtype)
+        avx512 = cpu_qgemv.supported(cpu_target, scheme, in_features, out_features)
+        return GroupQuantLinear(in_features, out_features, bias, scheme, out_dtype, avx512)
     return Linear(in_features, out_features, bias, scheme.model_dtype, out_dtype)
 
 
 class ResBlock(nn.Module):
     """x + SiLU(Linear(x)), bias on."""
 
-    def __init__(self, hidden_size: int, scheme: QuantScheme):
-        self.linear = make_linear(hidden_size, hidden_size, True, scheme)
+    def __init__(self, hidden_size: int, scheme: QuantScheme, cpu_target=None):
+        self.linear = make_linear(hidden_size, hidden_size, True, scheme, cpu_target=cpu_target)
         self.act = nn.SiLU()
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -236,9 +266,12 @@ class MedusaModel(nn.Module):
 
     nn.Module.to(dtype) also sets self.dtype, the dtype get_default_spec gives hidden_states.
     With `tree`, the module also exports get_tree_candidates and get_tree_buffers.
+    cpu_target: the llvm Target of a CPU build; 4-bit Linears then use cpu_qgemv's AVX-512
+    kernel where the target has it and the shape fits.
     """
 
-    def __init__(self, config: MedusaConfig, scheme: QuantScheme, tree: TreeSpec | None = None):
+    def __init__(self, config: MedusaConfig, scheme: QuantScheme, tree: TreeSpec | None = None,
+                 cpu_target=None):
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
         self.dtype = scheme.model_dtype
@@ -246,9 +279,10 @@ class MedusaModel(nn.Module):
         self.medusa_head = nn.ModuleList(
             [
                 nn.ModuleList(
-                    [ResBlock(config.hidden_size, scheme) for _ in range(config.medusa_num_layers)]
+                    [ResBlock(config.hidden_size, scheme, cpu_target)
+                     for _ in range(config.medusa_num_layers)]
                     + [make_linear(config.hidden_size, config.vocab_size, False, scheme,
-                                   out_dtype=ACCUMULATE_DTYPE)]
+                                   out_dtype=ACCUMULATE_DTYPE, cpu_target=cpu_target)]
                 )
                 for _ in range(config.medusa_num_heads)
             ]

@@ -1,0 +1,87 @@
+"""The AVX-512 int4 kernel (cpu_qgemv.py) against float64 numpy, where it applies, and through
+`medusa compile --target cpu` end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm.target import codegen
+
+from medusa_cli import cpu_qgemv, quant
+from medusa_cli.compile import CompileRequest, compile_heads
+from medusa_cli.runtime import configure_cpu_threads, load_heads
+from tests._params import make_params_dir, random_hidden, reference_logits
+
+HOST = tvm.target.Target.from_device("cpu")
+needs_avx512 = pytest.mark.skipif(not codegen.target_has_features("avx512f", HOST),
+                                  reason="this CPU has no AVX-512")
+
+# (in, out): one group, odd group counts (single tile steps of one group), rows not a multiple of
+# the 64 tasks, and the vicuna-7b ResBlock
+SHAPES = [(32, 2), (96, 100), (64, 4098), (160, 130), (4096, 256)]
+BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
+
+
+def _kernel(scheme: quant.QuantScheme, in_features: int, out_features: int):
+    func = cpu_qgemv.gemv_kernel(in_features, out_features, scheme, scheme.model_dtype,
+                                 scheme.model_dtype)
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)["main"]
+
+
+@needs_avx512
+@pytest.mark.parametrize("scheme_name", ["q4f32_1", "q4f16_1"])
+@pytest.mark.parametrize("in_features, out_features", SHAPES)
+def test_kernel_matches_numpy(scheme_name, in_features, out_features):
+    configure_cpu_threads()
+    scheme = quant.get_scheme(scheme_name)
+    rng = np.random.default_rng(in_features + out_features)
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    q_weight, q_scale = quant.quantize_weight(weight, scheme)
+    exact = quant.dequantize_weight(q_weight, q_scale, scheme, in_features,
+                                    round_to_model_dtype=False).astype(np.float64)
+    kernel = _kernel(scheme, in_features, out_features)
+    for batch in BATCHES:
+        x = rng.standard_normal((batch, in_features)).astype(scheme.model_dtype)
+        y = tvm.runtime.tensor(np.full((batch, out_features), np.nan, np.float32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(q_weight), tvm.runtime.tensor(q_scale), y)
+        want = x.astype(np.float64) @ exact.T
+        error = np.abs(y.numpy() - want).max() / np.abs(want).max()
+        assert error < 2e-6, f"{scheme_name} {in_features}x{out_features} batch {batch}: {error:.2e}"
+
+
+@pytest.mark.parametrize(
+    "target, scheme_name, in_features, out_features, expected",
+    [
+        (HOST, "q4f16_1", 4096, 32000, codegen.target_has_features("avx512f", HOST)),
+        (tvm.target.Target({"kind": "llvm"}), "q4f16_1", 4096, 32000, False),  # no AVX-512
+        (tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}), "q4f32_1", 4096, 4096, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 4096, True),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 32001, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 100, 64, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q3f16_1", 4000, 64, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q0f16", 4096, 64, False),
+        (tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "q4f16_1", 4096, 64, False),
+        (None, "q4f16_1", 4096, 64, False),
+    ],
+)
+def test_supported(target, scheme_name, in_features, out_features, expected):
+    scheme = quant.get_scheme(scheme_name)
+    assert cpu_qgemv.supported(target, scheme, in_features, out_features) == expected
+
+
+@needs_avx512
+@pytest.mark.parametrize("scheme_name", ["q4f16_1", "q4f32_1"])
+def test_compile_for_this_cpu_uses_the_kernel(scheme_name, tmp_path):
+    params = make_params_dir(tmp_path / "params", scheme_name, seed=5)
+    result = compile_heads(CompileRequest(params.path, target="cpu", max_batch_size=9))
+    assert b"q4_gemv_avx512" in result.output.read_bytes()
+    heads = load_heads(result.output, params.path)
+    for batch in (1, 5, 9):
+        hidden = random_hidden(params.config, batch, seed=batch)
+        hidden_in = quant.cast_to(hidden, params.scheme.model_dtype).astype(np.float64)
+        # against MLC's weights (rounded to float16 for q4f16_1): within the runtime tests' bounds
+        reference = reference_logits(params.effective, params.config, hidden_in)
+        for got, want in zip(heads.get_logits(hidden), reference):
+            error = np.abs(got - want).max() / np.abs(want).max()
+            assert error < (2e-3 if scheme_name == "q4f16_1" else 1e-5), f"batch {batch}: {error:.2e}"
