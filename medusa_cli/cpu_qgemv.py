@@ -16,11 +16,13 @@ Per 16 weights: broadcast, shift, permute, and one multiply-add per batch row, a
 fourteen instructions in the generic schedule. The weights are (c - max_int) * scale exactly in
 float32, as model.GroupQuantLinear computes them everywhere else.
 
-Parallel work is cut into CHUNKS tasks of consecutive output rows; each task allocates its
-accumulators once (TVM gives buffers allocated inside a parallel loop body heap workspace, which
-per output row costs more than the row's arithmetic). Rows go in steps of two: full tiles of
-BATCH_TILE batch rows read each x vector once for both rows, and the batch rows left over go one
-at a time, one output row at a time, with more independent accumulators.
+Parallel work is cut into CHUNKS tasks of consecutive output rows. The accumulators, the table
+and the weights are small buffers of the default ("global") scope declared once per task: TVM
+0.27 puts such buffers under 1 KiB on the stack, where LLVM keeps them in registers, while it
+turns every "local"-scope buffer into heap workspace (an allocation call per use, and every
+multiply-add a load and a store: 2.5x slower in a full library). Rows go in steps of two: full
+tiles of BATCH_TILE batch rows read each x vector once for both rows, and the batch rows left
+over go one at a time, one output row at a time, with more independent accumulators.
 
 Used by `medusa compile` for CPU targets whose features include AVX-512 (see `supported`);
 everything else keeps the generic schedule.
@@ -74,10 +76,11 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
     def slot_count(groups_per_step: int, accumulators: int) -> int:
         return min(groups_per_step * pairs_per_group, accumulators)
 
-    # (rows, batch rows, groups per loop step, independent accumulators per row and batch row)
+    # (rows, batch rows, groups per loop step, independent accumulators per row and batch row).
+    # Each tile kind has its own accumulator buffer, under the 1 KiB that TVM allocates on the
+    # stack (module docstring).
     single = (1, 1, 2 if groups % 2 == 0 else 1, 4)
-    tiled = (2, BATCH_TILE, 1, 2)
-    acc_size = max(r * nb * slot_count(gs, a) for r, nb, gs, a in (single, tiled)) * LANES
+    tiled = (2, BATCH_TILE, 1, 1)
 
     @T.macro
     def tile(x_lanes, q64, q_scale, y, acc, table, w, j0, b0, rows, nb, gs, slots):
@@ -138,18 +141,20 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
                 x_lanes[b, p * LANES + i * 2 + h] = T.Cast("float32", x[b, (p * 2 + h) * 8 + i])
         for c in T.parallel(chunks):
             with T.sblock("rows"):
-                acc = T.sblock_alloc_buffer((acc_size,), "float32", scope="local")
-                table = T.sblock_alloc_buffer((2 * LANES,), "float32", scope="local")
-                w = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
+                acc_single = T.sblock_alloc_buffer((single_slots * LANES,), "float32")
+                acc_tiled = T.sblock_alloc_buffer((tiled[0] * tiled[1] * tiled_slots * LANES,),
+                                                  "float32")
+                table = T.sblock_alloc_buffer((2 * LANES,), "float32")
+                w = T.sblock_alloc_buffer((LANES,), "float32")
                 for step in range(steps_per_chunk):
                     if c * steps_per_chunk + step < n // 2:
                         for bt in range(batch // BATCH_TILE):
-                            tile(x_lanes, q64, q_scale, y, acc, table, w,
+                            tile(x_lanes, q64, q_scale, y, acc_tiled, table, w,
                                  (c * steps_per_chunk + step) * 2, bt * BATCH_TILE,
                                  tiled[0], tiled[1], tiled[2], tiled_slots)
                         for br in range(batch % BATCH_TILE):
                             for r in range(2):
-                                tile(x_lanes, q64, q_scale, y, acc, table, w,
+                                tile(x_lanes, q64, q_scale, y, acc_single, table, w,
                                      (c * steps_per_chunk + step) * 2 + r,
                                      batch // BATCH_TILE * BATCH_TILE + br,
                                      single[0], single[1], single[2], single_slots)
