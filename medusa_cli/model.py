@@ -24,7 +24,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from . import cpu_qgemv
+from . import avx512_gemv
 from .config import MedusaConfig
 from .quant import QuantScheme
 from .topk import TopkLayout, chunk_kernel, merge_kernel
@@ -111,7 +111,7 @@ class GroupQuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        # the hand-written x86 AVX-512 kernel (cpu_qgemv.py) instead of the te.compute below
+        # the hand-written x86 AVX-512 kernel (avx512_gemv.py) instead of the te.compute below
         self.avx512_kernel = avx512_kernel
         groups = scheme.num_groups(in_features)
         self.q_weight = nn.Parameter((out_features, scheme.packed_words(in_features)),
@@ -169,33 +169,39 @@ class GroupQuantLinear(nn.Module):
 
 
     def _forward_avx512(self, x: nn.Tensor, out_dtype: str) -> nn.Tensor:
-        kernel = cpu_qgemv.gemv_kernel(self.in_features, self.out_features, self.scheme,
-                                       x.dtype, self.q_scale.dtype)
-        y = nn.op.tensor_ir_op(
-            kernel, "q4_gemv_avx512", [x, self.q_weight, self.q_scale],
-            nn.Tensor.placeholder([x.shape[0], self.out_features], ACCUMULATE_DTYPE),
-        )
-        if self.bias is None and out_dtype == ACCUMULATE_DTYPE:
-            return y
+        kernel = avx512_gemv.gemv_kernel(self.in_features, self.out_features, self.scheme,
+                                         x.dtype, self.q_scale.dtype)
+        return _kernel_linear(kernel, [x, self.q_weight, self.q_scale], self.bias,
+                              self.out_features, out_dtype)
 
-        def epilogue(y_te, *bias_te):
-            def value(i, j):
-                v = y_te[i, j]
-                if bias_te:
-                    v = v + bias_te[0][j].astype(ACCUMULATE_DTYPE)
-                return v.astype(out_dtype)
 
-            return te.compute(y_te.shape, value, name="bias_epilogue")
+def _kernel_linear(kernel, args: list, bias, out_features: int, out_dtype: str) -> nn.Tensor:
+    """A Linear computed by a scheduled PrimFunc (args..., y [batch, out] float32), then + bias
+    and the cast to out_dtype where needed (an elementwise op that fuses with what follows)."""
+    y = nn.op.tensor_ir_op(
+        kernel, "q4_gemv_avx512", args,
+        nn.Tensor.placeholder([args[0].shape[0], out_features], ACCUMULATE_DTYPE),
+    )
+    if bias is None and out_dtype == ACCUMULATE_DTYPE:
+        return y
 
-        return nn.op.tensor_expr_op(epilogue, "bias_epilogue",
-                                    [y] + ([self.bias] if self.bias is not None else []))
+    def epilogue(y_te, *bias_te):
+        def value(i, j):
+            v = y_te[i, j]
+            if bias_te:
+                v = v + bias_te[0][j].astype(ACCUMULATE_DTYPE)
+            return v.astype(out_dtype)
+
+        return te.compute(y_te.shape, value, name="bias_epilogue")
+
+    return nn.op.tensor_expr_op(epilogue, "bias_epilogue", [y] + ([bias] if bias is not None else []))
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
                 out_dtype: str | None = None, cpu_target=None) -> nn.Module:
     """cpu_target: the llvm Target compiled for, or None; the AVX-512 kernel where it applies."""
     if scheme.is_quantized:
-        avx512 = cpu_qgemv.supported(cpu_target, scheme, in_features, out_features)
+        avx512 = avx512_gemv.supported(cpu_target, scheme, in_features, out_features)
         return GroupQuantLinear(in_features, out_features, bias, scheme, out_dtype, avx512)
     return Linear(in_features, out_features, bias, scheme.model_dtype, out_dtype)
 
@@ -266,8 +272,8 @@ class MedusaModel(nn.Module):
 
     nn.Module.to(dtype) also sets self.dtype, the dtype get_default_spec gives hidden_states.
     With `tree`, the module also exports get_tree_candidates and get_tree_buffers.
-    cpu_target: the llvm Target of a CPU build; 4-bit Linears then use cpu_qgemv's AVX-512
-    kernel where the target has it and the shape fits.
+    cpu_target: the llvm Target of a CPU build; 4-bit Linears then use avx512_gemv's kernel where
+    the target has AVX-512 and the shape fits.
     """
 
     def __init__(self, config: MedusaConfig, scheme: QuantScheme, tree: TreeSpec | None = None,

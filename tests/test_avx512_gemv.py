@@ -1,4 +1,4 @@
-"""The AVX-512 int4 kernel (cpu_qgemv.py) against float64 numpy, where it applies, and through
+"""The AVX-512 int4 kernel (avx512_gemv.py) against float64 numpy, where it applies, and through
 `medusa compile --target cpu` end to end."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm.target import codegen
 
-from medusa_cli import cpu_qgemv, quant
+from medusa_cli import avx512_gemv, quant
 from medusa_cli.compile import CompileRequest, compile_heads
 from medusa_cli.runtime import configure_cpu_threads, load_heads
 from tests._params import make_params_dir, random_hidden, reference_logits
@@ -24,7 +24,7 @@ BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
 
 
 def _kernel(scheme: quant.QuantScheme, in_features: int, out_features: int):
-    func = cpu_qgemv.gemv_kernel(in_features, out_features, scheme, scheme.model_dtype,
+    func = avx512_gemv.gemv_kernel(in_features, out_features, scheme, scheme.model_dtype,
                                  scheme.model_dtype)
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)["main"]
 
@@ -67,7 +67,7 @@ def test_kernel_matches_numpy(scheme_name, in_features, out_features):
 )
 def test_supported(target, scheme_name, in_features, out_features, expected):
     scheme = quant.get_scheme(scheme_name)
-    assert cpu_qgemv.supported(target, scheme, in_features, out_features) == expected
+    assert avx512_gemv.supported(target, scheme, in_features, out_features) == expected
 
 
 @needs_avx512
