@@ -67,11 +67,19 @@ class TopkLayout:
         return cls(vocab=vocab, chunks=-(-vocab // CPU_SLICE), interleaved=False, gpu=False)
 
 
+def _scratch_scope(layout: TopkLayout) -> str:
+    """Storage scope of the small per-task buffers: registers on a GPU ("local"); on a CPU the
+    default scope, which TVM 0.27 allocates on the stack (LLVM then keeps the buffer in
+    registers), where "local" would mean a heap workspace allocation per task."""
+    return "local" if layout.gpu else "global"
+
+
 def chunk_kernel(layout: TopkLayout, k: int):
     """PrimFunc (logits [rows, vocab] float32) -> (values, ids [rows, chunks, k]): each slice's best k."""
     vocab, chunks, span = layout.vocab, layout.chunks, layout.span
     interleaved, gpu = layout.interleaved, layout.gpu
     groups = -(-span // GROUP)
+    scratch = _scratch_scope(layout)
     neg_inf = T.float32(float("-inf"))
     missing = T.int32(MISSING_ID)
     insert = _insert_macro(k)
@@ -92,9 +100,9 @@ def chunk_kernel(layout: TopkLayout, k: int):
         with T.sblock("slice"):
             T.reads(x[row, 0:vocab])
             T.writes(vals[row, c, 0:k], ids[row, c, 0:k])
-            bv = T.sblock_alloc_buffer((k,), "float32", scope="local")
-            bi = T.sblock_alloc_buffer((k,), "int32", scope="local")
-            best = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            bv = T.sblock_alloc_buffer((k,), "float32", scope=scratch)
+            bi = T.sblock_alloc_buffer((k,), "int32", scope=scratch)
+            best = T.sblock_alloc_buffer((1,), "float32", scope=scratch)
             for s in T.unroll(k):
                 bv[s] = neg_inf
                 bi[s] = missing
@@ -153,6 +161,7 @@ def chunk_kernel(layout: TopkLayout, k: int):
 def merge_kernel(layout: TopkLayout, k: int):
     """PrimFunc (values, ids [rows, chunks, k]) -> ids [rows, k] int32: the best k of each row."""
     chunks, gpu = layout.chunks, layout.gpu
+    scratch = _scratch_scope(layout)
     neg_inf = T.float32(float("-inf"))
     missing = T.int32(MISSING_ID)
     insert = _insert_macro(k)
@@ -162,8 +171,8 @@ def merge_kernel(layout: TopkLayout, k: int):
         with T.sblock("merge"):
             T.reads(vals[row, 0:chunks, 0:k], ids[row, 0:chunks, 0:k])
             T.writes(out[row, 0:k])
-            bv = T.sblock_alloc_buffer((k,), "float32", scope="local")
-            bi = T.sblock_alloc_buffer((k,), "int32", scope="local")
+            bv = T.sblock_alloc_buffer((k,), "float32", scope=scratch)
+            bi = T.sblock_alloc_buffer((k,), "int32", scope=scratch)
             for s in T.unroll(k):
                 bv[s] = neg_inf
                 bi[s] = missing
