@@ -15,7 +15,7 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -130,6 +130,14 @@ def match_name(layout: Layout, name: str) -> HeadTensor | None:
 # Files
 
 
+class FileRegion(NamedTuple):
+    """Bytes [offset, offset + nbytes) of an open file: where a tensor's bytes are stored."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
 def map_file_region(fd: int, offset: int, nbytes: int) -> np.ndarray:
     """uint8 view of bytes [offset, offset + nbytes) of an open file, memory-mapped read-only.
 
@@ -207,6 +215,11 @@ class _SafetensorsFile:
         if nbytes == 0:
             return np.empty(shape, dtype=dtype)
         return map_file_region(self._file.fileno(), offset, nbytes).view(dtype).reshape(shape)
+
+    def region(self, name: str) -> FileRegion:
+        """Where the tensor's bytes are in the file (open while this file is)."""
+        _, _, offset, nbytes = self._entries[name]
+        return FileRegion(self._file.fileno(), offset, nbytes)
 
     def close(self) -> None:
         if getattr(self, "_file", None) is not None:
@@ -357,6 +370,12 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].get_tensor(name)
+
+    def region(self, name: str) -> FileRegion | None:
+        """Where the tensor's bytes lie, as stored, in its file; None where they do not lie as
+        one run (PyTorch files are read through the zip reader)."""
+        source = self._where[name]
+        return source.region(name) if isinstance(source, _SafetensorsFile) else None
 
     def close(self) -> None:
         for reader in self._readers:
@@ -579,19 +598,22 @@ def plan_heads(
 
 def iter_head_tensors(
     plan: HeadPlan, ckpt: Checkpoint, lm_head_source: Checkpoint | None = None
-) -> Iterator[tuple[str, np.ndarray, str]]:
-    """(MLC name, array, source name) for every head tensor, one at a time, in model order.
+) -> Iterator[tuple[str, np.ndarray, str, FileRegion | None]]:
+    """(MLC name, array, source name, where its bytes are stored or None) for every head
+    tensor, one at a time, in model order.
 
     A missing ResBlock bias comes out as zeros in the source dtype.
     """
     for head in range(plan.num_heads):
         for i, (weight, bias) in enumerate(plan.layers[head]):
             prefix = f"medusa_head.{head}.{i}.linear"
-            yield f"{prefix}.weight", ckpt.read(weight), weight
+            yield f"{prefix}.weight", ckpt.read(weight), weight, ckpt.region(weight)
             if bias is None:
-                yield f"{prefix}.bias", np.zeros(plan.hidden_size, dtype=plan.source_dtype), "(zero bias)"
+                zeros = np.zeros(plan.hidden_size, dtype=plan.source_dtype)
+                yield f"{prefix}.bias", zeros, "(zero bias)", None
             else:
-                yield f"{prefix}.bias", ckpt.read(bias), bias
+                yield f"{prefix}.bias", ckpt.read(bias), bias, ckpt.region(bias)
         key, name = plan.lm_heads[head]
         source = ckpt if key == "checkpoint" else lm_head_source
-        yield f"medusa_head.{head}.{plan.num_layers}.weight", source.read(name), name
+        yield (f"medusa_head.{head}.{plan.num_layers}.weight", source.read(name), name,
+               source.region(name))

@@ -18,6 +18,7 @@ from . import quant
 from .atomic import check_output_dir, staged_directory
 from .checkpoint import (
     Checkpoint,
+    FileRegion,
     map_file_region,
     HeadPlan,
     check_mixed_layouts,
@@ -173,9 +174,11 @@ def _converted_stream(
     allow_nonfinite: bool,
     total_bytes: int,
     progress: Callable[[int, int], None] | None,
-) -> Iterator[tuple[str, np.ndarray]]:
+) -> Iterator[tuple[str, np.ndarray, FileRegion | None]]:
+    """(name, array, source region) per packed tensor; the region where the packed bytes are the
+    source's own (a plain scheme in the source dtype), so the writer can copy file to file."""
     done = 0
-    for name, array, source_name in iter_head_tensors(plan, ckpt, lm_head_ckpt):
+    for name, array, source_name, region in iter_head_tensors(plan, ckpt, lm_head_ckpt):
         if not allow_nonfinite and not all_finite(array):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
             raise CheckpointError(
@@ -183,7 +186,8 @@ def _converted_stream(
                 "--allow-nonfinite"
             )
         done += array.nbytes
-        yield from quant.convert_tensor(name, array, scheme)
+        for packed_name, packed in quant.convert_tensor(name, array, scheme):
+            yield packed_name, packed, region if packed is array else None
         del array
         if progress is not None:
             progress(done, total_bytes)

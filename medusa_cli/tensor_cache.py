@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -90,17 +91,23 @@ class _ShardWriter:
 
     def __init__(self, out_dir: Path, index: int, budget: _HashBudget):
         self.name = f"params_shard_{index}.bin"
-        self.file = open(out_dir / self.name, "wb")
+        # unbuffered: bytes copied file to file (copy_file_range) land at the file's position
+        self.file = open(out_dir / self.name, "wb", buffering=0)
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.nbytes = 0
         self.records: list[dict] = []
         self._budget = budget
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"md5-{index}")
 
-    def append(self, name: str, array: np.ndarray) -> TensorRecord:
+    def append(self, name: str, array: np.ndarray, source=None) -> TensorRecord:
+        """source: where the array's exact bytes are stored in an open file (fd, offset,
+        nbytes), or None. They are then copied file to file in the kernel (copy_file_range,
+        as cp does), not through this process: writing from a mapped source costs a page
+        fault per page inside the copy, 2.5 s of system time for a 1.4 GB checkpoint."""
         data = np.ascontiguousarray(array)
         view = memoryview(data.reshape(-1).view(np.uint8))
-        self.file.write(view)
+        copied = _copy_file_range(source, self.file.fileno()) if source is not None else 0
+        _write_all(self.file, view[copied:])
         self._budget.admit(self._hasher.submit(self.md5.update, view))
         record = TensorRecord(
             name=name,
@@ -137,20 +144,44 @@ class _ShardWriter:
         self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
+def _copy_file_range(source, fd_out: int) -> int:
+    """Bytes of `source` (fd, offset, nbytes) copied to fd_out at its position; fewer (down to
+    0) where the kernel or file system cannot (the caller writes the rest)."""
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    try:
+        while copy is not None and done < source.nbytes:
+            n = copy(source.fd, fd_out, source.nbytes - done, source.offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass  # EXDEV, ENOSYS, EINVAL...: what was copied stays, the rest is written
+    return done
+
+
+def _write_all(file, view: memoryview) -> None:
+    """An unbuffered write may take fewer bytes than given (Linux: at most 2 GiB per call)."""
+    while len(view):
+        view = view[file.write(view):]
+
+
 # Hash jobs in flight at once: one per core of a small machine, plus the tensor being written.
 _HASHES_IN_FLIGHT = 2
 
 
 def write_tensor_cache(
     out_dir: Path,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple],
     source_param_count: int | None = None,
     shard_cap_bytes: int = SHARD_CAP_BYTES,
     progress: Callable[[int], None] | None = None,
 ) -> TensorCache:
     """Write `tensors` (consumed one at a time) into out_dir, then tensor-cache.json.
 
-    source_param_count: parameters of the unquantized model, for BitsPerParam (defaults to
+    tensors: (name, array) or (name, array, source): source, where not None, is a region of an
+    open file (fd, offset, nbytes, such as checkpoint.FileRegion) holding exactly the array's
+    bytes, copied file to file. source_param_count: parameters of the unquantized model, for BitsPerParam (defaults to
     the stored element count). progress receives the bytes of each tensor once written.
     """
     out_dir = Path(out_dir)
@@ -160,13 +191,13 @@ def write_tensor_cache(
     shard: _ShardWriter | None = None
     budget = _HashBudget(_HASHES_IN_FLIGHT)
     try:
-        for name, array in tensors:
+        for name, array, *source in tensors:
             if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
                 closed.append(shard.close())
                 shard = None
             if shard is None:
                 shard = _ShardWriter(out_dir, len(closed), budget)
-            tensors_out.append(shard.append(name, array))
+            tensors_out.append(shard.append(name, array, source[0] if source else None))
             stored_elements += array.size
             if progress is not None:
                 progress(array.nbytes)

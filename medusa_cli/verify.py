@@ -627,7 +627,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
                 f"the source recorded in {params_dir / CONFIG_FILE} ({source.path})"
             plan = _plan_source(ckpt, what, layout, config, lm_head_ckpt)
             source.layout = plan.layout.name
-            tensors = ((name, array) for name, array, _ in iter_head_tensors(plan, ckpt, lm_head_ckpt))
+            tensors = ((name, array) for name, array, *_ in iter_head_tensors(plan, ckpt, lm_head_ckpt))
             oracle_heads = _group_heads(tensors, config.medusa_num_layers)
         else:
             oracle_heads = _packed_heads(params_dir, cache, config, scheme)

@@ -398,3 +398,83 @@ def test_all_finite_on_the_bits_agrees_with_isfinite(dtype):
         broken[8765] = bad
         assert not all_finite(broken)
         assert not np.isfinite(broken.astype(np.float64)).all()
+
+
+def _packed_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_source_dtype_tensors_are_copied_file_to_file(make_example, tmp_path, monkeypatch):
+    """A plain conversion in the source dtype copies each tensor in the kernel
+    (copy_file_range): the same bytes as writing it, and no copy for a cast."""
+    example = make_example(layout="medusa1", dtype="float16", file_format="safetensors")
+    written = _packed_bytes(_convert(example.output, tmp_path / "written").output)  # reference
+
+    import os
+
+    from medusa_cli import tensor_cache
+
+    calls = []
+    real = os.copy_file_range
+
+    def counting(fd_in, fd_out, count, offset_in=None, offset_out=None):
+        calls.append(count)
+        return real(fd_in, fd_out, count, offset_in, offset_out)
+
+    monkeypatch.setattr(tensor_cache.os, "copy_file_range", counting)
+    copied = _packed_bytes(_convert(example.output, tmp_path / "copied").output)
+    assert copied == written
+    assert len(calls) == 3 * 3  # 3 heads x (ResBlock weight, bias, vocab projection)
+
+    calls.clear()
+    _convert(example.output, tmp_path / "cast", dtype="float32")
+    assert calls == []
+
+
+def test_copy_falls_back_to_writing_where_the_kernel_cannot(make_example, tmp_path, monkeypatch):
+    """copy_file_range may stop part-way (EXDEV across file systems, no support): the rest of
+    the tensor is written, and the output is the same."""
+    example = make_example(layout="medusa1", dtype="float32", file_format="safetensors")
+    import errno
+    import os
+
+    from medusa_cli import tensor_cache
+
+    monkeypatch.setattr(tensor_cache.os, "copy_file_range",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
+    none = _packed_bytes(_convert(example.output, tmp_path / "none").output)
+
+    real = os.copy_file_range
+    state = {"first": True}
+
+    def half_then_fail(fd_in, fd_out, count, offset_in=None, offset_out=None):
+        if state["first"]:  # copy part of the first tensor, then refuse everything
+            state["first"] = False
+            return real(fd_in, fd_out, count // 2 + 1, offset_in, offset_out)
+        raise OSError(errno.ENOSYS, "not supported")
+
+    monkeypatch.setattr(tensor_cache.os, "copy_file_range", half_then_fail)
+    partial = _packed_bytes(_convert(example.output, tmp_path / "partial").output)
+    monkeypatch.undo()
+    copied = _packed_bytes(_convert(example.output, tmp_path / "copied").output)
+    assert none == partial == copied
+    check_integrity(tmp_path / "partial")
+
+
+def test_unbuffered_writes_are_completed():
+    """A raw write may take fewer bytes than given (Linux caps one call at 2 GiB)."""
+    from medusa_cli.tensor_cache import _write_all
+
+    class Trickle:
+        def __init__(self):
+            self.data = bytearray()
+
+        def write(self, view):
+            taken = bytes(view[:7])
+            self.data += taken
+            return len(taken)
+
+    sink = Trickle()
+    payload = bytes(range(256)) * 3
+    _write_all(sink, memoryview(payload))
+    assert bytes(sink.data) == payload
