@@ -57,16 +57,21 @@ def _nt_matmul(x: te.Tensor, weight_at, in_features: int, out_features: int, bia
         lambda i, j: te.sum(x_at(i, k) * weight_at(j, k), axis=k),
         name="NT_matmul",
     )
+    return _epilogue(acc, bias, out_dtype)
+
+
+def _epilogue(acc: te.Tensor, bias: te.Tensor | None, out_dtype: str) -> te.Tensor:
+    """acc (+ bias) in out_dtype; acc itself when there is nothing to do."""
     if bias is None and out_dtype == ACCUMULATE_DTYPE:
         return acc
 
-    def epilogue(i, j):
-        value = acc[i, j]
+    def value(i, j):
+        v = acc[i, j]
         if bias is not None:
-            value = value + bias[j].astype(ACCUMULATE_DTYPE)
-        return value.astype(out_dtype)
+            v = v + bias[j].astype(ACCUMULATE_DTYPE)
+        return v.astype(out_dtype)
 
-    return te.compute((batch, out_features), epilogue, name="NT_matmul_epilogue")
+    return te.compute(acc.shape, value, name="NT_matmul_epilogue")
 
 
 class Linear(nn.Module):
@@ -136,6 +141,11 @@ class GroupQuantLinear(nn.Module):
         storage = scheme.storage_dtype
         per_word = scheme.per_storage
         mask = tirx.const((1 << scheme.bits) - 1, storage)
+        # a row's codes fill whole groups; when in_features does not (q3f16_1 at 4096: groups
+        # of 40), the reduction covers the padding too, so that k // group and k % per_word
+        # become loop indices after the CPU schedule splits k (otherwise a division per weight:
+        # 3x slower than numpy at the vicuna-7b shape)
+        padded = scheme.num_groups(self.in_features) * scheme.group_size
 
         def compute(x_te, q_weight_te, q_scale_te, *bias_te):
             def weight_at(j, k):
@@ -159,42 +169,24 @@ class GroupQuantLinear(nn.Module):
                 padded if padded != self.in_features else None,
             )
 
-        # a row's codes fill whole groups; when in_features does not (q3f16_1 at 4096: groups
-        # of 40), the reduction covers the padding too, so that k // group and k % per_word
-        # become loop indices after the CPU schedule splits k (otherwise a division per weight:
-        # 3x slower than numpy at the vicuna-7b shape)
-        padded = scheme.num_groups(self.in_features) * scheme.group_size
         args = [x, self.q_weight, self.q_scale] + ([self.bias] if self.bias is not None else [])
         return nn.op.tensor_expr_op(compute, "dequantize_linear", args)
 
-
     def _forward_avx512(self, x: nn.Tensor, out_dtype: str) -> nn.Tensor:
+        """The Linear through avx512_gemv's kernel (float32 out), then bias and cast as an
+        elementwise op that fuses with what follows."""
         kernel = avx512_gemv.gemv_kernel(self.in_features, self.out_features, self.scheme,
                                          x.dtype, self.q_scale.dtype)
-        return _kernel_linear(kernel, [x, self.q_weight, self.q_scale], self.bias,
-                              self.out_features, out_dtype)
-
-
-def _kernel_linear(kernel, args: list, bias, out_features: int, out_dtype: str) -> nn.Tensor:
-    """A Linear computed by a scheduled PrimFunc (args..., y [batch, out] float32), then + bias
-    and the cast to out_dtype where needed (an elementwise op that fuses with what follows)."""
-    y = nn.op.tensor_ir_op(
-        kernel, "q4_gemv_avx512", args,
-        nn.Tensor.placeholder([args[0].shape[0], out_features], ACCUMULATE_DTYPE),
-    )
-    if bias is None and out_dtype == ACCUMULATE_DTYPE:
-        return y
-
-    def epilogue(y_te, *bias_te):
-        def value(i, j):
-            v = y_te[i, j]
-            if bias_te:
-                v = v + bias_te[0][j].astype(ACCUMULATE_DTYPE)
-            return v.astype(out_dtype)
-
-        return te.compute(y_te.shape, value, name="bias_epilogue")
-
-    return nn.op.tensor_expr_op(epilogue, "bias_epilogue", [y] + ([bias] if bias is not None else []))
+        y = nn.op.tensor_ir_op(
+            kernel, "q4_gemv_avx512", [x, self.q_weight, self.q_scale],
+            nn.Tensor.placeholder([x.shape[0], self.out_features], ACCUMULATE_DTYPE),
+        )
+        if self.bias is None and out_dtype == ACCUMULATE_DTYPE:
+            return y
+        args = [y] + ([self.bias] if self.bias is not None else [])
+        return nn.op.tensor_expr_op(
+            lambda y_te, *bias_te: _epilogue(y_te, bias_te[0] if bias_te else None, out_dtype),
+            "bias_epilogue", args)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, scheme: QuantScheme,

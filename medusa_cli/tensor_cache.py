@@ -69,21 +69,25 @@ class _HashBudget:
 
     Shards are hashed independently (each on its own thread, in order within the shard), so
     consecutive large tensors (one shard each) hash in parallel on a multi-core machine; md5
-    runs at about 0.7 GB/s per core and would otherwise pace the whole conversion.
+    runs at about 0.7 GB/s per core and would otherwise pace the whole conversion. The bound is
+    in bytes, `tensors` times the largest tensor so far: counting jobs instead let the small
+    bias between two vocab projections hold the second one back until the first was hashed.
     """
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._pending: collections.deque[Future] = collections.deque()
+    def __init__(self, tensors: int):
+        self.tensors = tensors
+        self._largest = 0
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
 
-    def admit(self, job: Future) -> None:
-        self._pending.append(job)
-        while len(self._pending) > self.limit:
-            self._pending.popleft().result()
+    def admit(self, job: Future, nbytes: int) -> None:
+        self._largest = max(self._largest, nbytes)
+        self._pending.append((job, nbytes))
+        while sum(n for _, n in self._pending) > self.tensors * self._largest:
+            self._pending.popleft()[0].result()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[0].result()
 
 
 class _ShardWriter:
@@ -108,7 +112,7 @@ class _ShardWriter:
         view = memoryview(data.reshape(-1).view(np.uint8))
         copied = _copy_file_range(source, self.file.fileno()) if source is not None else 0
         _write_all(self.file, view[copied:])
-        self._budget.admit(self._hasher.submit(self.md5.update, view))
+        self._budget.admit(self._hasher.submit(self.md5.update, view), data.nbytes)
         record = TensorRecord(
             name=name,
             shape=tuple(int(d) for d in data.shape),
@@ -166,7 +170,8 @@ def _write_all(file, view: memoryview) -> None:
         view = view[file.write(view):]
 
 
-# Hash jobs in flight at once: one per core of a small machine, plus the tensor being written.
+# Hash work in flight, in largest tensors: one per core of a small machine, plus the tensor
+# being written.
 _HASHES_IN_FLIGHT = 2
 
 
