@@ -358,3 +358,32 @@ def test_patch_cuda_library_bin_refuses_unknown_layout():
         patch_cuda_library_bin(_blob(_str(b"cuda") + b"map" + _str(b"other source")), {b"source": b"x"})
     with pytest.raises(CompileError, match="unexpected header"):
         patch_cuda_library_bin(b"\x00" * 16, {})
+
+
+def test_every_function_of_a_cpu_library_is_noalias():
+    """TVM 0.27's LLVM codegen takes the noalias decision for a whole module from the function
+    it declared last; VMShapeLower's shape_func has no "tirx.noalias", and declared last it took
+    noalias from every kernel (their accumulators then lived in memory). The finalize pipeline
+    marks such one-buffer functions; functions with several buffers are left as they are."""
+    from medusa_cli.config import MedusaConfig
+    from medusa_cli.model import MedusaModel
+    from tvm.script import tirx as T
+
+    target = resolve_target("cpu", None)
+    config = MedusaConfig(medusa_num_heads=2, medusa_num_layers=1, hidden_size=64, vocab_size=96)
+    model = MedusaModel(config, quant.get_scheme("q0f32"), cpu_target=target.target)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    with target.target:
+        final = compile_mod._finalize_pipeline()(compile_mod._optimize(mod, target, 4))
+    prim_funcs = {gv.name_hint: f for gv, f in final.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any(name.startswith("shape_func") for name in prim_funcs)
+    assert all(f.attrs and f.attrs.get("tirx.noalias") for f in prim_funcs.values()), [
+        name for name, f in prim_funcs.items() if not (f.attrs and f.attrs.get("tirx.noalias"))]
+
+    @T.prim_func(private=True, s_tir=True)
+    def two_buffers(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+        for i in range(4):
+            b[i] = a[i]
+
+    marked = compile_mod._mark_shape_functions_noalias()(tvm.IRModule({"two": two_buffers}))
+    assert not (marked["two"].attrs and marked["two"].attrs.get("tirx.noalias"))
