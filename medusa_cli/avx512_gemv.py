@@ -23,9 +23,11 @@ taken a step of rows at a time: full tiles of BATCH_TILE batch rows multiply a f
 together (each x vector loaded once for all of them), and the batch rows left over go one at a
 time with more independent accumulators. The accumulators and scratch vectors are small buffers
 of the default ("global") scope declared once per task: TVM 0.27 puts such buffers under 1 KiB
-on the stack, where LLVM keeps them in registers, while it turns every "local"-scope buffer into
-heap workspace (an allocation call per use, and every multiply-add a load and a store: 2.5x
-slower in a full library).
+on the stack, where LLVM always keeps them in registers, while it turns every "local"-scope
+buffer into heap workspace (an allocation call per task), which stays in registers only where
+LLVM can prove it aliases nothing else. In a library built before compile.py marked the shape
+functions noalias (see _mark_shape_functions_noalias) it could not, and every multiply-add was
+a load and a store: 2.5x slower.
 
 Used by `medusa compile` for CPU targets whose features include AVX-512 (see `supported`);
 everything else keeps the generic schedule.

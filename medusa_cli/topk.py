@@ -70,7 +70,7 @@ class TopkLayout:
 def _scratch_scope(layout: TopkLayout) -> str:
     """Storage scope of the small per-task buffers: registers on a GPU ("local"); on a CPU the
     default scope, which TVM 0.27 allocates on the stack (LLVM then keeps the buffer in
-    registers), where "local" would mean a heap workspace allocation per task."""
+    registers), where "local" means a heap workspace allocation per task (see avx512_gemv)."""
     return "local" if layout.gpu else "global"
 
 
