@@ -55,6 +55,43 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
     return num_threads
 
 
+# Transparent huge pages: 2 MiB, asked for with madvise(MADV_HUGEPAGE) on Linux.
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _param_tensor(array: np.ndarray, device):
+    """`array` copied to `device`. On a Linux CPU, large tensors are first advised onto
+    transparent huge pages (where the kernel's THP mode is "always" or "madvise"): every call
+    streams all the weights, and 2 MiB pages spare a TLB miss per 4 KiB (measured on the
+    vicuna-7b shape, interleaved: get_logits 3 to 8% faster)."""
+    import tvm
+
+    if (device.dlpack_device_type() != tvm.cpu().dlpack_device_type()
+            or not os.uname().sysname == "Linux" or array.nbytes < 2 * _HUGE_PAGE):
+        return tvm.runtime.tensor(array, device)
+    tensor = tvm.runtime.empty(array.shape, str(array.dtype), device)
+    _advise_huge_pages(tensor.data_ptr(), array.nbytes)  # before the pages are first touched
+    tensor.copyfrom(array)
+    return tensor
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [address, address + nbytes); a
+    refusal (old kernel, THP off) changes nothing, so it is not an error."""
+    import ctypes
+
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end <= start:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+
+
 def _parse_device(device: str, metadata: dict):
     """'cpu', 'cuda', 'cuda:1', 'rocm:0', 'auto' -> tvm Device that can run this library."""
     import tvm
@@ -165,7 +202,7 @@ class CompiledHeads:
             raise InputError(f"{self.lib_path}: cannot load on {device} ({error_gist(exc)})") from None
         # Copied one tensor at a time from the memory-mapped shards, in the library's order.
         self._params = [
-            tvm.runtime.tensor(np.ascontiguousarray(load_array(self.params_dir, records[name])), self.device)
+            _param_tensor(np.ascontiguousarray(load_array(self.params_dir, records[name])), self.device)
             for name, _, _ in expected
         ]
         self._get_logits = self._vm["get_logits"]

@@ -186,3 +186,42 @@ def test_cuda_logits_match_numpy(compiled, scheme_name, tmp_path):
         reference = reference_logits(params.effective, params.config, hidden_in)
         for got, want in zip(heads.get_logits(hidden), reference):
             assert _relative_error(got, want) < TOLERANCE[scheme_name]
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _smaps_entry(address: int) -> str:
+    """The /proc/self/smaps block of the mapping that holds `address`."""
+    block, inside = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            if inside:
+                break
+            low, high = (int(v, 16) for v in head.split("-"))
+            inside = low <= address < high
+        if inside:
+            block.append(line)
+    return "\n".join(block)
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
+                    reason="transparent huge pages are off or absent here")
+def test_large_params_are_advised_onto_huge_pages():
+    from medusa_cli.runtime import _param_tensor
+
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB
+    tensor = _param_tensor(big, tvm.cpu())
+    assert np.array_equal(tensor.numpy(), big)
+    entry = _smaps_entry(tensor.data_ptr() + (4 << 20))
+    flags = next(line for line in entry.splitlines() if line.startswith("VmFlags:")).split()
+    assert "hg" in flags, entry  # madvise(MADV_HUGEPAGE) applied to the tensor's pages
+
+    small = np.arange(1000, dtype=np.float16)
+    assert np.array_equal(_param_tensor(small, tvm.cpu()).numpy(), small)
