@@ -166,7 +166,7 @@ def _skeleton(shape: _Shape, max_int: int):
                         for sub in range(shape.step_rows // single.rows):
                             tile(x_lanes, q64, q_scale, y, acc_single, table, w,
                                  (c * steps_per_chunk + step) * shape.step_rows + sub * single.rows,
-                                 batch // BATCH_TILE * BATCH_TILE + br, single.rows, 1,
+                                 batch // BATCH_TILE * BATCH_TILE + br, single.rows, single.batch,
                                  single.blocks, single_slots)
 
     return rows_of_task, chunks
