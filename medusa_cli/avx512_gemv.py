@@ -2,21 +2,25 @@
 
 At batch 1 to 8 an int4 GEMV on a CPU is bound by unpacking, not by memory: the generic schedule
 spends about seven vector instructions per uint32 word (broadcast, shift, mask, centre,
-convert, scale, multiply-add). Here dequantization is a table lookup:
-  1. Per output row and group, a 16-entry table holds (c - max_int) * scale for every code c:
-     one multiply per group.
-  2. Two consecutive uint32 words (16 codes) are broadcast as one uint64 into 16 lanes and
-     shifted so that lane l holds the code at nibble l // 2 of word l % 2 in its low four bits.
-  3. vpermps (llvm.x86.avx512.permvar.sf.512) indexes the table with those four bits: 16
-     dequantized float32 weights in one instruction, no masking, conversion or scaling.
-  4. x is permuted once per call into the same lane order (x_lanes), so each 16 weights take
-     one fused multiply-add per batch row.
-Per 16 weights: broadcast, shift, permute, and one multiply-add per batch row, against about
-fourteen instructions in the generic schedule. The weights are (c - max_int) * scale exactly in
-float32, as model.GroupQuantLinear computes them everywhere else.
+convert, scale, multiply-add). Here each lane of a vector unpacks its own word:
+  1. A block is 16 consecutive uint32 words of one output row (128 codes), one word per lane
+     of a 512-bit load.
+  2. For nibble i = 0..7: shift the vector right by 4 i (one shift for 16 codes), then vpermps
+     (llvm.x86.avx512.permvar.sf.512) looks the low four bits up in the constant table
+     code - max_int: 16 centred weights as float32, no masking or conversion.
+  3. One multiply-add per batch row against x, which is permuted once per call into the same
+     order (x_lanes: lane l of nibble i multiplies input 8 l + i of the block).
+  4. A word never straddles a group, so each lane's partial sum has one scale: after the
+     eight nibbles, one multiply-add applies the 16 lanes' scales (the block's groups,
+     converted and spread over their lanes) to the running accumulator.
+Per 128 weights at batch 1: 7 shifts, 8 lookups, 8 multiply-adds and about 5 instructions for
+the scales and the sum, about 28 in all, against about 36 when a 16-entry table of (c - max_int) * scale was rebuilt per
+group and indexed after a variable shift (1.2x slower for one vocab projection). The sum is
+the same as with the weights (c - max_int) * scale in float32, scaled per word instead of per
+weight.
 
-Plain weights keep the generic schedule: a kernel of this shape for them measured the same at
-batch 1 (both at the memory floor) and 1.3x slower at batch 8.
+Plain weights keep the generic schedule: a table-free kernel of this shape for them measured
+the same at batch 1 (both at the memory floor) and 1.3x slower at batch 8.
 
 Parallel work is cut into CHUNKS tasks of consecutive output rows,
 taken a step of rows at a time: full tiles of BATCH_TILE batch rows multiply a few output rows
@@ -43,32 +47,26 @@ from .quant import QuantScheme
 
 # weights per vector: float32 lanes of one 512-bit register
 LANES = 16
+# codes per block: one uint32 word of 8 codes per lane
+BLOCK = LANES * 8
 # batch rows per full tile
 BATCH_TILE = 4
 # parallel tasks (consecutive output rows each); TVM splits them among its threads
 CHUNKS = 64
+# output rows per step of a task: a multiple of both tiles' rows
+STEP_ROWS = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tile:
     rows: int  # output rows multiplied together
     batch: int  # batch rows
-    blocks: int  # quantization groups per loop step
-    slots: int  # independent accumulators per output row and batch row
+    slots: int  # independent partial sums per output row and batch row, cycled over nibbles
 
 
-@dataclasses.dataclass(frozen=True)
-class _Shape:
-    n: int  # output rows
-    k: int  # input features
-    block_vectors: int  # vectors per group: its pairs of uint32 words
-    step_rows: int  # output rows per step; a multiple of both tiles' rows
-    single: _Tile
-    tiled: _Tile
-
-    @property
-    def blocks(self) -> int:
-        return self.k // (self.block_vectors * LANES)
+# batch 1 to 3: one row at a time, two partial sums; full tiles: 2 rows x 4 batch rows
+_SINGLE = _Tile(rows=1, batch=1, slots=2)
+_TILED = _Tile(rows=2, batch=BATCH_TILE, slots=1)
 
 
 def supported(target, scheme: QuantScheme, in_features: int, out_features: int) -> bool:
@@ -77,97 +75,102 @@ def supported(target, scheme: QuantScheme, in_features: int, out_features: int) 
 
     if target is None or target.kind.name != "llvm" or not scheme.is_quantized:
         return False
+    group = scheme.group_size
     return (scheme.bits == 4 and scheme.storage_dtype == "uint32"
-            and scheme.group_size % LANES == 0 and in_features % scheme.group_size == 0
-            and out_features % _shape(in_features, out_features, scheme).step_rows == 0
+            and group % 8 == 0 and (BLOCK % group == 0 or group % BLOCK == 0)
+            and in_features % BLOCK == 0 and in_features % group == 0
+            and out_features % STEP_ROWS == 0
             and bool(codegen.target_has_features("avx512f", target)))
 
 
-def _shape(k: int, n: int, scheme: QuantScheme) -> _Shape:
-    groups = k // scheme.group_size
-    # batch 1 to 3: one row at a time, four accumulators; tiles: 2 rows x 4 batch rows
-    single = _Tile(rows=1, batch=1, blocks=2 if groups % 2 == 0 else 1, slots=4)
-    tiled = _Tile(rows=2, batch=BATCH_TILE, blocks=1, slots=1)
-    return _Shape(n, k, scheme.group_size // LANES, 2, single, tiled)
+def _lane_scales(q_scale, row, block, group: int):
+    """float32x16: the scale of each lane's word in `block` of `row`."""
+    if group >= BLOCK:
+        return T.Broadcast(T.Cast("float32", q_scale[row, block * BLOCK // group]), LANES)
+    per_block, words_per_group = BLOCK // group, group // 8
+    scales = T.Cast(f"float32x{per_block}", q_scale[row, T.Ramp(block * per_block, 1, per_block)])
+    # a shuffle picks from the concatenation of its inputs, as many lanes as they have together
+    return T.Shuffle([scales] * (LANES // per_block), [lane // words_per_group for lane in range(LANES)])
 
 
-def _slots(shape: _Shape, tile: _Tile) -> int:
-    return min(tile.blocks * shape.block_vectors, tile.slots)
+def _skeleton(k: int, n: int, group: int, max_int: int):
+    """The macro computing every output row of task c for every batch row, and the task count.
+    x_lanes: x as float32 in the weights' lane order."""
+    blocks = k // BLOCK
+    chunks = min(CHUNKS, n // STEP_ROWS)
+    steps_per_chunk = -(-(n // STEP_ROWS) // chunks)
 
-
-def _skeleton(shape: _Shape, max_int: int):
-    """The macro computing every output row of task c for every batch row. q64: the weights as
-    [n, pairs] uint64; x_lanes: x as float32 in the weights' lane order."""
-    n, blocks, bv = shape.n, shape.blocks, shape.block_vectors
-    chunks = min(CHUNKS, n // shape.step_rows)
-    steps_per_chunk = -(-(n // shape.step_rows) // chunks)
-    single, tiled = shape.single, shape.tiled
-    single_slots, tiled_slots = _slots(shape, single), _slots(shape, tiled)
+    def vec(buffer, index):
+        return buffer[T.Ramp(index * LANES, 1, LANES)]
 
     @T.macro
-    def tile(x_lanes, q64, q_scale, y, acc, table, w, j0, b0, rows, nb, gs, slots):
-        for s in T.unroll(rows * nb * slots):
+    def tile(x_lanes, q_weight, q_scale, y, acc, part, scales, w, words, j0, b0, rows, nb, slots):
+        for s in T.unroll(rows * nb):
             acc[T.Ramp(s * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-        for go, gi in T.grid(blocks // gs, gs):
+        for blk in range(blocks):
+            for s in T.unroll(rows * nb * slots):
+                part[T.Ramp(s * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
             for r in T.unroll(rows):
-                table[T.Ramp(r * LANES, 1, LANES)] = T.Cast(
-                    "float32x16", T.Ramp(-max_int, 1, LANES)
-                ) * T.Broadcast(T.Cast("float32", q_scale[j0 + r, go * gs + gi]), LANES)
-            for v in T.unroll(bv):
+                words[T.Ramp(r * LANES, 1, LANES)] = q_weight[j0 + r, T.Ramp(blk * LANES, 1, LANES)]
+            for nib in T.unroll(8):
                 for r in T.unroll(rows):
-                    # lane l: the code at nibble l // 2 of word l % 2 of the pair, in bits 0-3
+                    # nibble `nib` of every lane's word in bits 0-3, looked up as code - max_int
                     w[T.Ramp(r * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                        "float32x16",
-                        "llvm.x86.avx512.permvar.sf.512",
-                        table[T.Ramp(r * LANES, 1, LANES)],
+                        "float32x16", "llvm.x86.avx512.permvar.sf.512",
+                        T.Cast("float32x16", T.Ramp(-max_int, 1, LANES)),
                         T.reinterpret("int32x16", T.shift_right(
-                            T.reinterpret("uint32x16",
-                                          T.Broadcast(q64[j0 + r, (go * gs + gi) * bv + v], 8)),
-                            T.shift_left(T.shift_right(T.Ramp(T.uint32(0), T.uint32(1), LANES),
-                                                       T.Broadcast(T.uint32(1), LANES)),
-                                         T.Broadcast(T.uint32(2), LANES)))),
+                            vec(words, r), T.Broadcast(T.Cast("uint32", nib * 4), LANES))),
                     )
                 for bi in T.unroll(nb):
                     for r in T.unroll(rows):
-                        acc[T.Ramp(((r * nb + bi) * slots + (gi * bv + v) % slots) * LANES, 1, LANES)] = (
-                            acc[T.Ramp(((r * nb + bi) * slots + (gi * bv + v) % slots) * LANES, 1, LANES)]
-                            + w[T.Ramp(r * LANES, 1, LANES)]
-                            * x_lanes[b0 + bi, T.Ramp(((go * gs + gi) * bv + v) * LANES, 1, LANES)]
+                        part[T.Ramp(((r * nb + bi) * slots + nib % slots) * LANES, 1, LANES)] = (
+                            vec(part, (r * nb + bi) * slots + nib % slots)
+                            + vec(w, r) * x_lanes[b0 + bi, T.Ramp(blk * BLOCK + nib * LANES, 1, LANES)]
                         )
+            for r in T.unroll(rows):
+                scales[T.Ramp(r * LANES, 1, LANES)] = _lane_scales(q_scale, j0 + r, blk, group)
+            for r in T.unroll(rows):
+                for bi in T.unroll(nb):
+                    for s in T.unroll(1, slots):
+                        part[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)] = (
+                            vec(part, (r * nb + bi) * slots) + vec(part, (r * nb + bi) * slots + s)
+                        )
+                    acc[T.Ramp((r * nb + bi) * LANES, 1, LANES)] = (
+                        vec(acc, r * nb + bi) + vec(part, (r * nb + bi) * slots) * vec(scales, r)
+                    )
         for r in T.unroll(rows):
             for bi in T.unroll(nb):
-                for s in T.unroll(1, slots):
-                    acc[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)] = (
-                        acc[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)]
-                        + acc[T.Ramp(((r * nb + bi) * slots + s) * LANES, 1, LANES)]
-                    )
                 y[b0 + bi, j0 + r] = T.call_llvm_pure_intrin(
-                    "float32", "llvm.vector.reduce.fadd.v16f32", T.float32(0),
-                    acc[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)],
+                    "float32", "llvm.vector.reduce.fadd.v16f32", T.float32(0), vec(acc, r * nb + bi),
                 )
 
+    single, tiled = _SINGLE, _TILED
+    most_rows = max(single.rows, tiled.rows)
+
     @T.macro
-    def rows_of_task(x_lanes, q64, q_scale, y, batch, c):
+    def rows_of_task(x_lanes, q_weight, q_scale, y, batch, c):
         with T.sblock("rows"):
-            acc_single = T.sblock_alloc_buffer((single.rows * single_slots * LANES,), "float32")
-            acc_tiled = T.sblock_alloc_buffer((tiled.rows * tiled.batch * tiled_slots * LANES,),
-                                              "float32")
-            table = T.sblock_alloc_buffer((max(single.rows, tiled.rows) * LANES,), "float32")
-            w = T.sblock_alloc_buffer((max(single.rows, tiled.rows) * LANES,), "float32")
+            acc_single = T.sblock_alloc_buffer((single.rows * LANES,), "float32")
+            part_single = T.sblock_alloc_buffer((single.rows * single.slots * LANES,), "float32")
+            acc_tiled = T.sblock_alloc_buffer((tiled.rows * tiled.batch * LANES,), "float32")
+            part_tiled = T.sblock_alloc_buffer((tiled.rows * tiled.batch * tiled.slots * LANES,),
+                                               "float32")
+            scales = T.sblock_alloc_buffer((most_rows * LANES,), "float32")
+            w = T.sblock_alloc_buffer((most_rows * LANES,), "float32")
+            words = T.sblock_alloc_buffer((most_rows * LANES,), "uint32")
             for step in range(steps_per_chunk):
-                if c * steps_per_chunk + step < n // shape.step_rows:
+                if c * steps_per_chunk + step < n // STEP_ROWS:
                     for bt in range(batch // BATCH_TILE):
-                        for sub in range(shape.step_rows // tiled.rows):
-                            tile(x_lanes, q64, q_scale, y, acc_tiled, table, w,
-                                 (c * steps_per_chunk + step) * shape.step_rows + sub * tiled.rows,
-                                 bt * BATCH_TILE, tiled.rows, tiled.batch, tiled.blocks,
-                                 tiled_slots)
+                        for sub in range(STEP_ROWS // tiled.rows):
+                            tile(x_lanes, q_weight, q_scale, y, acc_tiled, part_tiled, scales, w, words,
+                                 (c * steps_per_chunk + step) * STEP_ROWS + sub * tiled.rows,
+                                 bt * BATCH_TILE, tiled.rows, tiled.batch, tiled.slots)
                     for br in range(batch % BATCH_TILE):
-                        for sub in range(shape.step_rows // single.rows):
-                            tile(x_lanes, q64, q_scale, y, acc_single, table, w,
-                                 (c * steps_per_chunk + step) * shape.step_rows + sub * single.rows,
+                        for sub in range(STEP_ROWS // single.rows):
+                            tile(x_lanes, q_weight, q_scale, y, acc_single, part_single, scales, w,
+                                 words, (c * steps_per_chunk + step) * STEP_ROWS + sub * single.rows,
                                  batch // BATCH_TILE * BATCH_TILE + br, single.rows, single.batch,
-                                 single.blocks, single_slots)
+                                 single.slots)
 
     return rows_of_task, chunks
 
@@ -178,9 +181,8 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
     scale_dtype, y [batch, out] float32): y = x @ ((code - max_int) * scale).T, accumulated in
     float32. Call it only where `supported` is true."""
     n, k = out_features, in_features
-    shape = _shape(k, n, scheme)
-    rows_of_task, chunks = _skeleton(shape, scheme.max_int)
-    words, pairs, groups = k // 8, k // LANES, k // scheme.group_size
+    rows_of_task, chunks = _skeleton(k, n, scheme.group_size, scheme.max_int)
+    words, groups, blocks = k // 8, k // scheme.group_size, k // BLOCK
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, q_weight: T.Buffer((n, words), "uint32"),
@@ -190,12 +192,12 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
         x = T.match_buffer(var_x, (batch, k), x_dtype)
         y = T.match_buffer(var_y, (batch, n), "float32")
         x_lanes = T.sblock_alloc_buffer((batch, k), "float32")
-        q64 = T.decl_buffer((n, pairs), "uint64", data=q_weight.data)
         with T.sblock("x_lanes"):
-            # lane 2i + h of pair p multiplies the code at nibble i of word 2p + h
-            for b, p, i, h in T.grid(batch, pairs, 8, 2):
-                x_lanes[b, p * LANES + i * 2 + h] = T.Cast("float32", x[b, (p * 2 + h) * 8 + i])
+            # lane l of nibble i of a block multiplies the code at nibble i of the block's word l
+            for b, blk, i, lane in T.grid(batch, blocks, 8, LANES):
+                x_lanes[b, blk * BLOCK + i * LANES + lane] = T.Cast("float32",
+                                                                    x[b, blk * BLOCK + lane * 8 + i])
         for c in T.parallel(chunks):
-            rows_of_task(x_lanes, q64, q_scale, y, batch, c)
+            rows_of_task(x_lanes, q_weight, q_scale, y, batch, c)
 
     return kernel

@@ -11,15 +11,15 @@ from tvm.target import codegen
 from medusa_cli import avx512_gemv, quant
 from medusa_cli.compile import CompileRequest, compile_heads
 from medusa_cli.runtime import configure_cpu_threads, load_heads
-from tests._params import make_params_dir, random_hidden, reference_logits
+from tests._params import make_params_dir, random_hidden, reference_logits, tiny_config
 
 HOST = tvm.target.Target.from_device("cpu")
 needs_avx512 = pytest.mark.skipif(not codegen.target_has_features("avx512f", HOST),
                                   reason="this CPU has no AVX-512")
 
-# (in, out): one group, odd group counts (single tile steps of one group), rows not a multiple of
-# the 64 tasks, and the vicuna-7b ResBlock
-SHAPES = [(32, 2), (96, 100), (64, 4098), (160, 130), (4096, 256)]
+# (in, out): one block of 128 codes, odd block counts, rows not a multiple of the 64 tasks,
+# and the vicuna-7b ResBlock
+SHAPES = [(128, 2), (384, 100), (256, 4098), (640, 130), (4096, 256)]
 BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
 
 
@@ -29,12 +29,32 @@ def _kernel(scheme: quant.QuantScheme, in_features: int, out_features: int):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)["main"]
 
 
+# 4-bit layouts beyond the published schemes: groups of 8 and 16 (several per block of 128
+# codes, scales spread over the lanes) and of 256 (one scale for a block)
+OTHER_GROUPS = {f"q4f32_g{g}": quant.QuantScheme(f"q4f32_g{g}", "float32", bits=4, group_size=g)
+                for g in (8, 16, 256)}
+
+
+def _scheme(name: str) -> quant.QuantScheme:
+    return OTHER_GROUPS[name] if name in OTHER_GROUPS else quant.get_scheme(name)
+
+
 @needs_avx512
 @pytest.mark.parametrize("scheme_name", ["q4f32_1", "q4f16_1"])
 @pytest.mark.parametrize("in_features, out_features", SHAPES)
 def test_kernel_matches_numpy(scheme_name, in_features, out_features):
+    _check_kernel(_scheme(scheme_name), in_features, out_features)
+
+
+@needs_avx512
+@pytest.mark.parametrize("scheme_name", list(OTHER_GROUPS))
+def test_kernel_other_group_sizes(scheme_name):
+    _check_kernel(_scheme(scheme_name), 512, 66)
+
+
+def _check_kernel(scheme: quant.QuantScheme, in_features: int, out_features: int) -> None:
     configure_cpu_threads()
-    scheme = quant.get_scheme(scheme_name)
+    scheme_name = scheme.name
     rng = np.random.default_rng(in_features + out_features)
     weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
     q_weight, q_scale = quant.quantize_weight(weight, scheme)
@@ -59,6 +79,11 @@ def test_kernel_matches_numpy(scheme_name, in_features, out_features):
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 4096, True),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 32001, False),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 100, 64, False),
+        # whole groups but not whole blocks of 128 codes
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4000, 64, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g256", 640, 64, False),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g256", 768, 64, True),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g16", 128, 64, True),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q3f16_1", 4000, 64, False),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q0f16", 4096, 64, False),
         (tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "q4f16_1", 4096, 64, False),
@@ -66,14 +91,15 @@ def test_kernel_matches_numpy(scheme_name, in_features, out_features):
     ],
 )
 def test_supported(target, scheme_name, in_features, out_features, expected):
-    scheme = quant.get_scheme(scheme_name)
+    scheme = _scheme(scheme_name)
     assert avx512_gemv.supported(target, scheme, in_features, out_features) == expected
 
 
 @needs_avx512
 @pytest.mark.parametrize("scheme_name", ["q4f16_1", "q4f32_1"])
 def test_compile_for_this_cpu_uses_the_kernel(scheme_name, tmp_path):
-    params = make_params_dir(tmp_path / "params", scheme_name, seed=5)
+    # hidden 128: one block of codes per row, the kernel's smallest
+    params = make_params_dir(tmp_path / "params", scheme_name, seed=5, config=tiny_config(hidden_size=128))
     result = compile_heads(CompileRequest(params.path, target="cpu", max_batch_size=9))
     assert b"q4_gemv_avx512" in result.output.read_bytes()
     heads = load_heads(result.output, params.path)
