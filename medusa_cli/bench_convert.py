@@ -6,12 +6,18 @@ Writes a seeded example checkpoint, then in one run, alternating for a few round
 files with `cp`, and converts it in a child process (the whole `medusa convert` cost, Python
 start-up included) that reports its own peak RSS; each timed until its output is synced to
 disk. Prints a Markdown table of the medians. Memory budget from the convert issue: 3x the largest tensor + 400 MB.
+
+Also measured in the same run: the hashing floor. A conversion hashes every byte it writes with
+md5 (the tensor-cache schema's per-shard md5sum) and every source byte with sha256 (the
+provenance `medusa verify` checks); cp hashes nothing. The floor is the single-core time of both
+hashes over the source files, divided by the cores: no conversion that keeps both can be faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +40,23 @@ print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_kib * 1024, "param_
 """
 
 
+def hash_floor(files: list[Path]) -> dict:
+    """Single-core seconds of md5 and sha256 over `files` (from the page cache), and their sum
+    spread over this process's cores."""
+    from .convert import sha256_file
+    from .tensor_cache import file_md5
+
+    seconds = {}
+    for name, digest in (("md5", file_md5), ("sha256", sha256_file)):
+        start = time.perf_counter()
+        for path in files:
+            digest(path)
+        seconds[name] = time.perf_counter() - start
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"md5_seconds": seconds["md5"], "sha256_seconds": seconds["sha256"], "cores": cores,
+            "floor_seconds": (seconds["md5"] + seconds["sha256"]) / cores}
+
+
 def _drop_copy(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -53,6 +76,7 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
 
     # Warm the page cache once so neither side pays the first read.
     subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)
+    hashing = hash_floor(weights)
 
     # cp and convert alternate, each timed until its output is on disk (sync), and each round
     # starts from a synced disk with the previous outputs removed: this VM's write speed swings
@@ -96,6 +120,8 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
         "convert_seconds_all": walls,
         "convert_in_process_seconds": statistics.median(convert_times),
         "speed_vs_cp": cp_seconds / wall,
+        "hashing": hashing,
+        "hash_floor_speed_vs_cp": cp_seconds / hashing["floor_seconds"],
         "peak_rss_bytes": max(peaks),
         "largest_tensor_bytes": largest,
         "rss_budget_bytes": budget,
@@ -106,14 +132,18 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
 def markdown(rows: list[dict]) -> str:
     mb = 1024 * 1024
     lines = [
-        "| checkpoint | output | size | cp + sync (median) | convert + sync (median) | speed vs cp | peak RSS | RSS budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "| checkpoint | output | size | cp + sync (median) | convert + sync (median) | speed vs cp "
+        "| hashing floor (md5 + sha256) | floor's speed vs cp | peak RSS | RSS budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['preset']} {r['dtype']} {r['layout']} ({r['format']}) | {r['quantization']} "
             f"| {r['source_bytes'] / mb:.0f} MiB | {r['cp_seconds']:.2f} s | {r['convert_seconds']:.2f} s "
-            f"| {r['speed_vs_cp']:.2f}x | {r['peak_rss_bytes'] / mb:.0f} MiB "
+            f"| {r['speed_vs_cp']:.2f}x "
+            f"| {r['hashing']['floor_seconds']:.2f} s ({r['hashing']['md5_seconds']:.2f} + "
+            f"{r['hashing']['sha256_seconds']:.2f} s on one core, / {r['hashing']['cores']}) "
+            f"| {r['hash_floor_speed_vs_cp']:.2f}x | {r['peak_rss_bytes'] / mb:.0f} MiB "
             f"| {r['rss_budget_bytes'] / mb:.0f} MiB ({'ok' if r['rss_within_budget'] else 'OVER'}) |"
         )
     return "\n".join(lines)
