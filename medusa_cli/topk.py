@@ -130,28 +130,18 @@ def chunk_kernel(layout: TopkLayout, k: int):
                 vals[row, c, s] = bv[s]
                 ids[row, c, s] = bi[s]
 
-    if gpu:
-
-        @T.prim_func(private=True, s_tir=True)
-        def topk_chunks(var_x: T.handle, var_vals: T.handle, var_ids: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            rows = T.int64()
-            x = T.match_buffer(var_x, (rows, vocab), "float32")
-            vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
-            ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
+    @T.prim_func(private=True, s_tir=True)
+    def topk_chunks(var_x: T.handle, var_vals: T.handle, var_ids: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        rows = T.int64()
+        x = T.match_buffer(var_x, (rows, vocab), "float32")
+        vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
+        ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
+        if gpu:  # a Python constant: the parser keeps one branch
             for row in T.thread_binding(rows, thread="blockIdx.x"):
                 for c in T.thread_binding(chunks, thread="threadIdx.x"):
                     scan(x, vals, ids, row, c)
-
-    else:
-
-        @T.prim_func(private=True, s_tir=True)
-        def topk_chunks(var_x: T.handle, var_vals: T.handle, var_ids: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            rows = T.int64()
-            x = T.match_buffer(var_x, (rows, vocab), "float32")
-            vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
-            ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
+        else:
             for task in T.parallel(rows * chunks):
                 scan(x, vals, ids, task // chunks, T.Cast("int32", task % chunks))
 
@@ -184,28 +174,18 @@ def merge_kernel(layout: TopkLayout, k: int):
             for s in T.unroll(k):
                 out[row, s] = bi[s]
 
-    if gpu:
-
-        @T.prim_func(private=True, s_tir=True)
-        def topk_merge(var_vals: T.handle, var_ids: T.handle, var_out: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            rows = T.int64()
-            vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
-            ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
-            out = T.match_buffer(var_out, (rows, k), "int32")
+    @T.prim_func(private=True, s_tir=True)
+    def topk_merge(var_vals: T.handle, var_ids: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        rows = T.int64()
+        vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
+        ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
+        out = T.match_buffer(var_out, (rows, k), "int32")
+        if gpu:
             for row in T.thread_binding(rows, thread="blockIdx.x"):
                 for _ in T.thread_binding(1, thread="threadIdx.x"):
                     merge(vals, ids, out, row)
-
-    else:
-
-        @T.prim_func(private=True, s_tir=True)
-        def topk_merge(var_vals: T.handle, var_ids: T.handle, var_out: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            rows = T.int64()
-            vals = T.match_buffer(var_vals, (rows, chunks, k), "float32")
-            ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")
-            out = T.match_buffer(var_out, (rows, k), "int32")
+        else:
             for row in T.parallel(rows):
                 merge(vals, ids, out, row)
 
