@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tvm
@@ -52,8 +54,23 @@ def test_kernel_other_group_sizes(scheme_name):
     _check_kernel(_scheme(scheme_name), 512, 66)
 
 
-def _check_kernel(scheme: quant.QuantScheme, in_features: int, out_features: int) -> None:
-    configure_cpu_threads()
+@needs_avx512
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_with_any_thread_count(threads):
+    """Every task is computed once its worker or a thief claims it, whatever the pool's size
+    (TVM caps it at the cores: 3 runs on 2 workers on a 2-core machine)."""
+    try:
+        configure_cpu_threads(threads)
+        assert tvm.runtime.num_threads() == min(threads, len(os.sched_getaffinity(0)))
+        _check_kernel(quant.get_scheme("q4f16_1"), 256, 4098, all_cores=False)
+    finally:
+        configure_cpu_threads()
+
+
+def _check_kernel(scheme: quant.QuantScheme, in_features: int, out_features: int,
+                  all_cores: bool = True) -> None:
+    if all_cores:
+        configure_cpu_threads()
     scheme_name = scheme.name
     rng = np.random.default_rng(in_features + out_features)
     weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
