@@ -22,18 +22,11 @@ weight.
 Plain weights keep the generic schedule: a table-free kernel of this shape for them measured
 the same at batch 1 (both at the memory floor) and 1.3x slower at batch 8.
 
-Parallel work is cut into CHUNKS tasks of consecutive output rows, shared out at run time: one
-worker per thread of TVM's pool takes its own run of tasks in order, then steals the tasks still
-unclaimed from the last one down, so that a thread slowed by another process (or by a
-neighbour on a shared VM) no longer holds the call back with half of the work (TVM's parallel
-loop splits its range evenly before it starts). A task is claimed by a plain store to a flag
-before it runs; where two workers race for the same task, both compute it and write the same
-values, so no atomics are needed. Measured on the 2-core VM in one of its slow phases: one
-32000x4096 projection 4.3 to 5.4 ms with the even split, 3.4 to 3.6 ms shared out.
-
-Each task takes a step of rows at a time: full tiles of BATCH_TILE batch rows multiply a few output rows
-together (each x vector loaded once for all of them), and the batch rows left over go one at a
-time with more independent accumulators. The accumulators and scratch vectors are small buffers
+Parallel work is cut into CHUNKS tasks of consecutive output rows (`medusa compile` shares them
+out among the threads at run time: cpu_tasks.py). A task takes a step of rows at a time: full
+tiles of BATCH_TILE batch rows multiply a few output rows together (each x vector loaded once
+for all of them), and the batch rows left over go one at a time with more independent
+accumulators. The accumulators and scratch vectors are small buffers
 of the default ("global") scope declared once per task: TVM 0.27 puts such buffers under 1 KiB
 on the stack, where LLVM always keeps them in registers, while it turns every "local"-scope
 buffer into heap workspace (an allocation call per task), which stays in registers only where
@@ -205,19 +198,7 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
             for b, blk, i, lane in T.grid(batch, blocks, 8, LANES):
                 x_lanes[b, blk * BLOCK + i * LANES + lane] = T.Cast("float32",
                                                                     x[b, blk * BLOCK + lane * 8 + i])
-        # one worker per thread of TVM's pool: its own run of tasks first, then whatever is still
-        # unclaimed, taken from the last task down (see the module docstring)
-        claimed = T.sblock_alloc_buffer((chunks,), "int32")
-        for c in range(chunks):
-            claimed[c] = 0
-        workers: T.let[T.int32] = T.call_packed("runtime.NumThreads")
-        for worker in T.parallel(workers):
-            first: T.let[T.int32] = worker * chunks // workers
-            own: T.let[T.int32] = (worker + 1) * chunks // workers - first
-            for i in range(own + chunks):
-                c: T.let[T.int32] = T.Select(i < own, first + i, chunks - 1 - (i - own))
-                if claimed[c] == 0:
-                    claimed[c] = 1
-                    rows_of_task(x_lanes, q_weight, q_scale, y, batch, c)
+        for c in T.parallel(chunks):
+            rows_of_task(x_lanes, q_weight, q_scale, y, batch, c)
 
     return kernel

@@ -3,7 +3,8 @@
 The build runs in two explicit stages:
   1. _optimize: FuseTransposeMatmul first, then legalize, fuse, (GPU) dlight schedules and static
      memory planning with batch_size bounded by --max-batch-size;
-  2. tvm.relax.build with relax_pipeline=_finalize_pipeline(): the VM lowering passes.
+  2. tvm.relax.build with relax_pipeline=_finalize_pipeline(): the VM lowering passes; for CPU
+     targets, TVM's TIR pipeline then cpu_tasks.share_out_parallel_loops.
 Between them the planned memory is measured and a `_metadata` Relax function returning JSON is
 added, as MLC-LLM's compile does, so an MLC-LLM runtime and `medusa inspect` can read what the
 library holds. The same JSON is also stored as a plain string in the file, so it can be read
@@ -675,6 +676,8 @@ def compile_heads(request: CompileRequest) -> CompileResult:
 
     import tvm
 
+    from . import cpu_tasks
+
     try:
         with _cuda_source_modules() if target.kind == "cuda" else contextlib.nullcontext():
             optimized = _optimize(mod, target, request.max_batch_size)
@@ -686,6 +689,8 @@ def compile_heads(request: CompileRequest) -> CompileResult:
                 _with_metadata(optimized, metadata),
                 target.target,
                 relax_pipeline=_finalize_pipeline(),
+                # CPU: parallel loops shared out among the threads at run time (cpu_tasks.py)
+                tir_pipeline="default" if target.is_gpu else cpu_tasks.register_pipeline(),
                 system_lib=output.suffix == SYSTEM_LIBRARY_SUFFIX,
             )
     except MedusaError:

@@ -10,7 +10,7 @@ import pytest
 import tvm
 from tvm.target import codegen
 
-from medusa_cli import avx512_gemv, quant
+from medusa_cli import avx512_gemv, cpu_tasks, quant
 from medusa_cli.compile import CompileRequest, compile_heads
 from medusa_cli.runtime import configure_cpu_threads, load_heads
 from tests._params import make_params_dir, random_hidden, reference_logits, tiny_config
@@ -28,7 +28,9 @@ BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
 def _kernel(scheme: quant.QuantScheme, in_features: int, out_features: int):
     func = avx512_gemv.gemv_kernel(in_features, out_features, scheme, scheme.model_dtype,
                                  scheme.model_dtype)
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)["main"]
+    # as medusa compile builds it: tasks shared out among the threads at run time (cpu_tasks.py)
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST,
+                       tir_pipeline=cpu_tasks.register_pipeline())["main"]
 
 
 # 4-bit layouts beyond the published schemes: groups of 8 and 16 (several per block of 128
@@ -57,7 +59,7 @@ def test_kernel_other_group_sizes(scheme_name):
 @needs_avx512
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_kernel_with_any_thread_count(threads):
-    """Every task is computed once its worker or a thief claims it, whatever the pool's size
+    """Every task is computed, by its worker or one that took it over, whatever the pool's size
     (TVM caps it at the cores: 3 runs on 2 workers on a 2-core machine)."""
     try:
         configure_cpu_threads(threads)
