@@ -53,8 +53,11 @@ def _shared_out(loop: tirx.For) -> tirx.Stmt:
     def const(value: int):
         return tirx.const(value, i32)
 
-    def cast(value):
-        return value if dtype == i32 else tirx.Cast(dtype, value)
+    def bound(of_task):
+        """The first index of task `of_task`, in the loop variable's type (no int32 overflow
+        for an int64 loop)."""
+        wide = of_task if dtype == i32 else tirx.Cast(dtype, of_task)
+        return wide * tirx.const(extent, dtype) // tirx.const(tasks, dtype)
 
     t = tirx.Var("t", i32)
     zero = tirx.For(t, const(0), const(tasks), tirx.ForKind.SERIAL,
@@ -62,8 +65,7 @@ def _shared_out(loop: tirx.For) -> tirx.Stmt:
 
     body = tvm_ffi.structural_map(
         loop.body, (tvm.ir.expr.Var, lambda v: index if v.same_as(loop.loop_var) else v))
-    begin = cast(task * const(extent) // const(tasks))
-    end = cast((task + const(1)) * const(extent) // const(tasks))
+    begin, end = bound(task), bound(task + const(1))
     run_task = tirx.For(index, begin, end - begin, tirx.ForKind.SERIAL, body)
     claim = tirx.IfThenElse(
         tirx.EQ(tirx.BufferLoad(claimed, [task]), const(0)),
