@@ -1,8 +1,10 @@
 """`medusa bench`: time compiled heads against the memory-bandwidth floor and numpy, in one run.
 
 The heads are memory-bound at small batch: each call reads every weight once. So the floor is
-weight bytes / the machine's read bandwidth, measured in the same run; numpy computes the same
-heads in float32 (BLAS) as the practical baseline. Each repeat times the library and numpy one
+weight bytes / the device's memory bandwidth, measured in the same run (summing a buffer on a
+CPU, a device-to-device copy on a GPU); numpy computes the same heads in float32 (BLAS) on the
+host as the practical baseline. The library is timed on inputs already on the device up to the
+device's completion, without copying the logits back. Each repeat times the library and numpy one
 after the other (a block of calls each, after a short pause so neither pays for the other's
 spinning threads), so both see the same machine noise; medians and spreads are reported.
 """
@@ -94,6 +96,8 @@ class BenchReport:
     device: str
     num_threads: int | None
     bandwidth_gbps: float
+    # how bandwidth_gbps was measured: CPU read bandwidth, or a device copy
+    bandwidth_method: str
     rows: list[BenchRow]
     machine: str
     # get_logits vs get_tree_candidates per batch, for a library compiled with a tree
@@ -108,6 +112,7 @@ class BenchReport:
             "device": self.device,
             "num_threads": self.num_threads,
             "bandwidth_gbps": self.bandwidth_gbps,
+            "bandwidth_method": self.bandwidth_method,
             "machine": self.machine,
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -148,6 +153,23 @@ def measure_read_bandwidth(nbytes: int = _BANDWIDTH_BYTES, repeat: int = 5) -> f
             run()
             best = min(best, time.perf_counter() - start)
     return data.nbytes / best / 1e9
+
+
+def measure_device_bandwidth(device, nbytes: int = _BANDWIDTH_BYTES, repeat: int = 5) -> float:
+    """A device's memory bandwidth in GB/s: the best device-to-device copy of nbytes, which
+    reads each byte once and writes it once (as CUDA's bandwidthTest counts it)."""
+    import tvm
+
+    source = tvm.runtime.empty((nbytes // 4,), "float32", device)
+    target = tvm.runtime.empty((nbytes // 4,), "float32", device)
+    best = float("inf")
+    for _ in range(repeat):
+        device.sync()
+        start = time.perf_counter()
+        source.copyto(target)
+        device.sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
 
 
 def float32_heads(params_dir: Path, config, quantization: str) -> list[tuple[list, np.ndarray]]:
@@ -233,7 +255,8 @@ def bench_heads(request: BenchRequest) -> BenchReport:
     from .tensor_cache import read_tensor_cache
 
     weight_bytes = sum(t.nbytes for t in read_tensor_cache(request.params_dir).tensors)
-    bandwidth = measure_read_bandwidth()
+    on_cpu = heads.num_threads is not None
+    bandwidth = measure_read_bandwidth() if on_cpu else measure_device_bandwidth(heads.device)
     reference = float32_heads(request.params_dir, heads.config, heads.quantization) \
         if request.numpy_baseline else None
     rng = np.random.default_rng(request.seed)
@@ -241,7 +264,7 @@ def bench_heads(request: BenchRequest) -> BenchReport:
     for batch in request.batches:
         hidden = rng.standard_normal((batch, heads.config.hidden_size), dtype=np.float32)
         run_numpy = (lambda: numpy_logits(reference, hidden)) if reference is not None else None
-        lib_samples, np_samples = _time_pair(lambda: heads.get_logits(hidden), run_numpy,
+        lib_samples, np_samples = _time_pair(heads.logits_call(hidden), run_numpy,
                                              request.repeat, request.warmup)
         rows.append(BenchRow(
             batch=batch,
@@ -260,6 +283,8 @@ def bench_heads(request: BenchRequest) -> BenchReport:
         device=request.device,
         num_threads=heads.num_threads,
         bandwidth_gbps=bandwidth,
+        bandwidth_method="summing a buffer (numpy)" if on_cpu else "device-to-device copy",
         rows=rows,
-        machine=machine_description(),
+        machine=machine_description() if on_cpu
+        else f"{heads.device.device_name} ({request.device}); host {machine_description()}",
     )

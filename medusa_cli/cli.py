@@ -569,11 +569,13 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 @app.command(
     epilog=(
-        "Times get_logits (warm-up, then median and p10-p90 of --repeat runs) and reports the "
-        "effective GB/s of weight bytes read, the ratio to the memory-bandwidth floor (weight "
-        "bytes / read bandwidth measured in the same run) and to numpy computing the same heads "
-        "in float32, timed back to back with the library. With a tree, also the cost of "
-        "get_tree_candidates. TVM's CPU threads: all cores; set TVM_NUM_THREADS to change.\n\n"
+        "Times get_logits on inputs already on the device, up to the device's completion "
+        "(warm-up, then median and p10-p90 of --repeat runs) and reports the effective GB/s of "
+        "weight bytes read, the ratio to the memory-bandwidth floor (weight bytes / bandwidth "
+        "measured in the same run: summing a buffer on a CPU, a device-to-device copy on a GPU) "
+        "and to numpy computing the same heads in float32 on the host, timed back to back with "
+        "the library. With a tree, also the cost of get_tree_candidates. TVM's CPU threads: all "
+        "cores; set TVM_NUM_THREADS to change.\n\n"
         "**Examples**\n\n"
         "    medusa bench heads.so out/params --batch 1,4,8\n\n"
         "    medusa bench heads.so out/params --repeat 50 --json > bench.json"
@@ -601,8 +603,9 @@ def bench(
     if json_out:
         _emit_json(report.to_dict())
         return
-    table = Table(title=f"bench {library.name} ({report.quantization}, {report.device}, "
-                        f"{report.num_threads} threads; read bandwidth {report.bandwidth_gbps:.1f} GB/s)",
+    threads = f", {report.num_threads} threads" if report.num_threads else ""
+    table = Table(title=f"bench {library.name} ({report.quantization}, {report.device}{threads}; "
+                        f"bandwidth {report.bandwidth_gbps:.1f} GB/s, {report.bandwidth_method})",
                   title_justify="left")
     for column in ("batch", "ms (p10-p90)", "GB/s", "vs floor", "numpy ms", "vs numpy"):
         table.add_column(column, justify="right")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ class CompiledHeads:
     def __init__(self, lib_path: Path, params_dir: Path, device: str = "cpu",
                  num_threads: int | None = None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine; also in runtime-only TVM
 
         self.lib_path = Path(lib_path)
         self.params_dir = Path(params_dir)
@@ -197,7 +198,7 @@ class CompiledHeads:
         records = cache.by_name()
         try:
             module = tvm.runtime.load_module(str(self.lib_path))
-            self._vm = relax.VirtualMachine(module, self.device)
+            self._vm = VirtualMachine(module, self.device)
         except Exception as exc:
             raise InputError(f"{self.lib_path}: cannot load on {device} ({error_gist(exc)})") from None
         # Copied one tensor at a time from the memory-mapped shards, in the library's order.
@@ -216,6 +217,19 @@ class CompiledHeads:
         float32 [batch, vocab_size]."""
         outputs = self._get_logits(self._device_hidden(hidden), self._params)
         return [out.numpy() for out in outputs]
+
+    def logits_call(self, hidden: np.ndarray) -> Callable[[], list]:
+        """A call of get_logits on `hidden`, put on the device once, that waits for the device
+        and returns the logits where they are (device tensors): what `medusa bench` times, with
+        no host transfers, which on a GPU would cost more than the heads."""
+        device_hidden = self._device_hidden(hidden)
+
+        def call() -> list:
+            outputs = self._get_logits(device_hidden, self._params)
+            self.device.sync()
+            return list(outputs)
+
+        return call
 
     def get_tree_candidates(self, base_logits: np.ndarray,
                             hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

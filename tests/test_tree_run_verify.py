@@ -130,8 +130,30 @@ def test_bench_reports_rows_and_tree_cost(built):
         assert row["effective_gbps"] == pytest.approx(weight_bytes / (row["median_ms"] / 1e3) / 1e9)
         assert row["time_vs_numpy"] == pytest.approx(row["median_ms"] / row["numpy_median_ms"])
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
-    assert report["bandwidth_gbps"] > 0
+    assert report["bandwidth_gbps"] > 0 and report["bandwidth_method"] == "summing a buffer (numpy)"
     assert [t["batch"] for t in report["tree"]] == [1, 3] and report["tree"][0]["tree_depth"] == 3
+
+
+def test_timed_call_returns_the_logits_on_the_device(built):
+    from medusa_cli.runtime import load_heads
+
+    heads = load_heads(built["q0f32"], built["q0f32-params"])
+    hidden = np.random.default_rng(3).standard_normal((2, heads.config.hidden_size)).astype(np.float32)
+    timed = heads.logits_call(hidden)
+    for _ in range(2):  # the same inputs, call after call
+        got = [out.numpy() for out in timed()]
+        for g, want in zip(got, heads.get_logits(hidden), strict=True):
+            np.testing.assert_array_equal(g, want)
+
+
+def test_device_bandwidth_of_a_copy():
+    """The GPU floor's bandwidth (a device-to-device copy), measured here on the CPU device:
+    2 x 64 MiB moved, at a rate a machine can have (0.1 GB/s to 10 TB/s)."""
+    import tvm
+
+    from medusa_cli.bench import measure_device_bandwidth
+
+    assert 0.1 < measure_device_bandwidth(tvm.cpu(), nbytes=64 << 20, repeat=3) < 10_000
 
 
 def test_bench_rejects_bad_batches(built):
