@@ -35,7 +35,8 @@ def _ms(seconds: float) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
-def _row(scheme: str, compile_s: str, report, verified: str) -> list[str]:
+def _row(scheme: str, compile_s: str, report, verified: str | None) -> list[str]:
+    """Table rows of one scheme; `verified`: the verify cell, None without that column."""
     lines = []
     for r in report.rows:
         numpy_ms = _ms(r.numpy.median_s) if r.numpy else "-"
@@ -44,7 +45,7 @@ def _row(scheme: str, compile_s: str, report, verified: str) -> list[str]:
             f"| {scheme} | {r.batch} | {_ms(r.library.median_s)} "
             f"({_ms(r.library.p10_s)}-{_ms(r.library.p90_s)}) | {numpy_ms} | {vs_numpy} "
             f"| {r.weight_bytes / 2**20:.0f} | {r.gbps:.1f} | {_ms(r.floor_s)} | {r.vs_floor:.2f}x "
-            f"| {compile_s} | {verified} |"
+            f"| {compile_s} |" + ("" if verified is None else f" {verified} |")
         )
     return lines
 
@@ -99,11 +100,10 @@ def run_suite(preset: str, schemes: list[str], batches: tuple[int, ...], repeat:
     started = time.perf_counter()
     packed = packed_schemes(preset, schemes, max(batches), workdir)
     c = next(packed)
-    lines = [
-        "| scheme | batch | library ms (p10-p90) | numpy fp32 ms | time vs numpy | weights MiB "
-        "| GB/s | floor ms | time vs floor | compile s | verify (max rel. error) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["scheme", "batch", "library ms (p10-p90)", "numpy fp32 ms", "time vs numpy",
+               "weights MiB", "GB/s", "floor ms", "time vs floor", "compile s"]
+    columns += ["verify (max rel. error)"] if verify else []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     bandwidths = []
     report = None
     for scheme, params in packed:
@@ -114,7 +114,7 @@ def run_suite(preset: str, schemes: list[str], batches: tuple[int, ...], repeat:
             compile_s = f"{time.perf_counter() - t:.1f}"
         else:
             library, compile_s = Path(libraries) / library_name(scheme), "prebuilt"
-        verified = _verified(library, params, device) if verify else "-"
+        verified = _verified(library, params, device) if verify else None
         report = bench_heads(BenchRequest(library, params, batches=batches, repeat=repeat,
                                           device=device))
         bandwidths.append(report.bandwidth_gbps)

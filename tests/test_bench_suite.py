@@ -27,3 +27,10 @@ def test_tiny_suite_with_verify(tmp_path):
 @pytest.mark.parametrize("seconds, text", [(0.000123, "0.123"), (0.00456, "4.56"), (0.1261, "126.1")])
 def test_milliseconds_keep_their_digits(seconds, text):
     assert bench_suite._ms(seconds) == text
+
+
+def test_no_verify_column_without_verify(tmp_path):
+    text = bench_suite.run_suite("tiny", ["q0f32"], (1,), 1, "cpu", tmp_path, convert=False)
+    header = next(line for line in text.splitlines() if line.startswith("| scheme |"))
+    row = next(line for line in text.splitlines() if line.startswith("| q0f32 |"))
+    assert "verify" not in header and header.count("|") == row.count("|") == 11
