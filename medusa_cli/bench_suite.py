@@ -3,6 +3,7 @@
     python -m medusa_cli.bench_suite [--preset vicuna-7b] [--schemes q0f32,q0f16,q4f16_1,q4f32_1]
                                      [--batches 1,8] [--repeat 10] [--output BENCHMARKS.md]
                                      [--target cpu] [--device cpu] [--verify] [--no-convert]
+                                     [--libraries DIR]
 
 One seeded example checkpoint (float16, as published); for each scheme: convert, compile for
 --target (timed; the host CPU by default), optionally `medusa verify` on --device, then
@@ -10,8 +11,8 @@ One seeded example checkpoint (float16, as published); for each scheme: convert,
 float32, measured side by side in the same run. Then the conversion benchmark (bench_convert),
 unless --no-convert.
 
-On a GPU (`make bench-gpu`): --target cuda --device cuda:0 --verify --no-convert, the floor
-from a device-to-device copy.
+On a GPU machine without TVM's compiler, gpu_bundle.py runs it with --device cuda:0 --verify
+--no-convert --libraries (built here for the GPU), the floor from a device-to-device copy.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def run_suite(preset: str, schemes: list[str], batches: tuple[int, ...], repeat:
     header = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` on {datetime.date.today().isoformat()}; "
+        f"Written by `{'make bench' if libraries is None else 'gpu_bundle run'}` on "
+        f"{datetime.date.today().isoformat()}; "
         f"{time.perf_counter() - started:.0f} s in all.",
         "",
         f"- Machine: {report.machine}"

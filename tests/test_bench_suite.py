@@ -1,5 +1,5 @@
 """`make bench`'s driver (bench_suite.py) at the tiny preset: one row per scheme and batch whose
-numbers agree with each other, and the verify column of `make bench-gpu`."""
+numbers agree with each other, and the verify column that gpu_bundle's run asks for."""
 
 from __future__ import annotations
 
