@@ -93,6 +93,25 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
         pass
 
 
+def _load_device_runtime(kind: str) -> None:
+    """TVM without its compiler library (runtime-only mode, as gpu_bundle runs it) does not load
+    its device runtimes at import: load libtvm_runtime_<kind> (CUDA's device API and module
+    loader) where it exists. Elsewhere TVM has already done it, or has none to load; a device
+    that stays unusable is reported by the caller."""
+    import tvm
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    loaded = tvm.base._LOADED_LIBS
+    name = f"tvm_runtime_{kind}"
+    if not getattr(tvm.base, "_RUNTIME_ONLY", False) or name in loaded:
+        return
+    try:
+        loaded[name] = load_lib_ctypes(package="tvm", target_name=name, mode="RTLD_LOCAL",
+                                       extra_lib_paths=[Path(loaded["tvm_runtime"]._name).resolve().parent])
+    except (OSError, RuntimeError):  # no such library, or its CUDA libraries are missing
+        pass
+
+
 def _parse_device(device: str, metadata: dict):
     """'cpu', 'cuda', 'cuda:1', 'rocm:0', 'auto' -> tvm Device that can run this library."""
     import tvm
@@ -111,6 +130,8 @@ def _parse_device(device: str, metadata: dict):
             f"--device {'cpu' if kind_of_library == 'llvm' else kind_of_library + ':0'} or "
             f"recompile with --target {name}"
         )
+    if name != "cpu":
+        _load_device_runtime(name)
     try:
         dev = tvm.device(name, index)
         present = bool(dev.exist)
