@@ -4,7 +4,8 @@ At batch 1 to 8 an int4 GEMV on a CPU is bound by unpacking, not by memory: the 
 spends about seven vector instructions per uint32 word (broadcast, shift, mask, centre,
 convert, scale, multiply-add). Here each lane of a vector unpacks its own word:
   1. A block is 16 consecutive uint32 words of one output row (128 codes), one word per lane
-     of a 512-bit load.
+     of a 512-bit load. Where in_features is not a multiple of 128, a last, partial block
+     loads the words left and repeats the last one over the other lanes, whose x is zero.
   2. For nibble i = 0..7: shift the vector right by 4 i (one shift for 16 codes), then vpermps
      (llvm.x86.avx512.permvar.sf.512) looks the low four bits up in the constant table
      code - max_int: 16 centred weights as float32, no masking or conversion.
@@ -79,13 +80,39 @@ def supported(target, scheme: QuantScheme, in_features: int, out_features: int) 
     group = scheme.group_size
     return (scheme.bits == 4 and scheme.storage_dtype == "uint32"
             and group % 8 == 0 and (BLOCK % group == 0 or group % BLOCK == 0)
-            and in_features % BLOCK == 0 and in_features % group == 0
+            and in_features % group == 0
             and out_features % STEP_ROWS == 0
             and bool(codegen.target_has_features("avx512f", target)))
 
 
-def _lane_scales(q_scale, row, block, group: int):
-    """float32x16: the scale of each lane's word in `block` of `row`."""
+def _lanes_from(buffer, row, first: int, count: int, picks: list[int]):
+    """A 16-lane vector whose lane l is buffer[row, first + picks[l]], from one load of `count`
+    contiguous elements (a vector shuffle then spreads them over the lanes)."""
+    if count == 1:
+        return T.Broadcast(buffer[row, first], LANES)
+    loaded = buffer[row, T.Ramp(first, 1, count)]
+    # a shuffle picks from the concatenation of its inputs, as many lanes as they have together
+    return T.Shuffle([loaded] * -(-LANES // count), picks)
+
+
+def _block_words(q_weight, row, block, row_words: int | None):
+    """uint32x16: the words of `block` of `row`, one per lane. row_words (the row's word count)
+    only for a last, partial block: its lanes past the row's end repeat the row's last word, and
+    meet zeros in x_lanes."""
+    if row_words is None:
+        return q_weight[row, T.Ramp(block * LANES, 1, LANES)]
+    count = row_words - block * LANES
+    return _lanes_from(q_weight, row, block * LANES, count, [min(l, count - 1) for l in range(LANES)])
+
+
+def _lane_scales(q_scale, row, block, group: int, groups: int | None):
+    """float32x16: the scale of each lane's word in `block` of `row`. groups (the row's group
+    count) only for a last, partial block, whose lanes past the row's end take its last scale."""
+    if groups is not None:
+        first, words_per_group = block * BLOCK // group, group // 8
+        count = groups - first
+        return T.Cast("float32x16", _lanes_from(
+            q_scale, row, first, count, [min(l // words_per_group, count - 1) for l in range(LANES)]))
     if group >= BLOCK:
         return T.Broadcast(T.Cast("float32", q_scale[row, block * BLOCK // group]), LANES)
     per_block, words_per_group = BLOCK // group, group // 8
@@ -98,6 +125,8 @@ def _skeleton(k: int, n: int, group: int, max_int: int):
     """The macro computing every output row of task c for every batch row, and the task count.
     x_lanes: x as float32 in the weights' lane order."""
     blocks = k // BLOCK
+    # a last, partial block holds the row's remaining words (in_features not a multiple of 128)
+    partial = k % BLOCK > 0
     chunks = min(CHUNKS, n // STEP_ROWS)
     steps_per_chunk = -(-(n // STEP_ROWS) // chunks)
 
@@ -105,40 +134,51 @@ def _skeleton(k: int, n: int, group: int, max_int: int):
         return buffer[T.Ramp(index * LANES, 1, LANES)]
 
     @T.macro
+    def block(x_lanes, q_weight, q_scale, acc, part, scales, w, words, j0, b0, rows, nb, slots,
+              blk, last):
+        for s in T.unroll(rows * nb * slots):
+            part[T.Ramp(s * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for r in T.unroll(rows):
+            words[T.Ramp(r * LANES, 1, LANES)] = _block_words(q_weight, j0 + r, blk,
+                                                              k // 8 if last else None)
+        for nib in T.unroll(8):
+            for r in T.unroll(rows):
+                # nibble `nib` of every lane's word in bits 0-3, looked up as code - max_int
+                w[T.Ramp(r * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                    "float32x16", "llvm.x86.avx512.permvar.sf.512",
+                    T.Cast("float32x16", T.Ramp(-max_int, 1, LANES)),
+                    T.reinterpret("int32x16", T.shift_right(
+                        vec(words, r), T.Broadcast(T.Cast("uint32", nib * 4), LANES))),
+                )
+            for bi in T.unroll(nb):
+                for r in T.unroll(rows):
+                    part[T.Ramp(((r * nb + bi) * slots + nib % slots) * LANES, 1, LANES)] = (
+                        vec(part, (r * nb + bi) * slots + nib % slots)
+                        + vec(w, r) * x_lanes[b0 + bi, T.Ramp(blk * BLOCK + nib * LANES, 1, LANES)]
+                    )
+        for r in T.unroll(rows):
+            scales[T.Ramp(r * LANES, 1, LANES)] = _lane_scales(q_scale, j0 + r, blk, group,
+                                                               k // group if last else None)
+        for r in T.unroll(rows):
+            for bi in T.unroll(nb):
+                for s in T.unroll(1, slots):
+                    part[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)] = (
+                        vec(part, (r * nb + bi) * slots) + vec(part, (r * nb + bi) * slots + s)
+                    )
+                acc[T.Ramp((r * nb + bi) * LANES, 1, LANES)] = (
+                    vec(acc, r * nb + bi) + vec(part, (r * nb + bi) * slots) * vec(scales, r)
+                )
+
+    @T.macro
     def tile(x_lanes, q_weight, q_scale, y, acc, part, scales, w, words, j0, b0, rows, nb, slots):
         for s in T.unroll(rows * nb):
             acc[T.Ramp(s * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
         for blk in range(blocks):
-            for s in T.unroll(rows * nb * slots):
-                part[T.Ramp(s * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for r in T.unroll(rows):
-                words[T.Ramp(r * LANES, 1, LANES)] = q_weight[j0 + r, T.Ramp(blk * LANES, 1, LANES)]
-            for nib in T.unroll(8):
-                for r in T.unroll(rows):
-                    # nibble `nib` of every lane's word in bits 0-3, looked up as code - max_int
-                    w[T.Ramp(r * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                        "float32x16", "llvm.x86.avx512.permvar.sf.512",
-                        T.Cast("float32x16", T.Ramp(-max_int, 1, LANES)),
-                        T.reinterpret("int32x16", T.shift_right(
-                            vec(words, r), T.Broadcast(T.Cast("uint32", nib * 4), LANES))),
-                    )
-                for bi in T.unroll(nb):
-                    for r in T.unroll(rows):
-                        part[T.Ramp(((r * nb + bi) * slots + nib % slots) * LANES, 1, LANES)] = (
-                            vec(part, (r * nb + bi) * slots + nib % slots)
-                            + vec(w, r) * x_lanes[b0 + bi, T.Ramp(blk * BLOCK + nib * LANES, 1, LANES)]
-                        )
-            for r in T.unroll(rows):
-                scales[T.Ramp(r * LANES, 1, LANES)] = _lane_scales(q_scale, j0 + r, blk, group)
-            for r in T.unroll(rows):
-                for bi in T.unroll(nb):
-                    for s in T.unroll(1, slots):
-                        part[T.Ramp((r * nb + bi) * slots * LANES, 1, LANES)] = (
-                            vec(part, (r * nb + bi) * slots) + vec(part, (r * nb + bi) * slots + s)
-                        )
-                    acc[T.Ramp((r * nb + bi) * LANES, 1, LANES)] = (
-                        vec(acc, r * nb + bi) + vec(part, (r * nb + bi) * slots) * vec(scales, r)
-                    )
+            block(x_lanes, q_weight, q_scale, acc, part, scales, w, words, j0, b0, rows, nb, slots,
+                  blk, False)
+        if partial:  # a Python constant: the parser keeps or drops this
+            block(x_lanes, q_weight, q_scale, acc, part, scales, w, words, j0, b0, rows, nb, slots,
+                  blocks, True)
         for r in T.unroll(rows):
             for bi in T.unroll(nb):
                 y[b0 + bi, j0 + r] = T.call_llvm_pure_intrin(
@@ -183,7 +223,8 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
     float32. Call it only where `supported` is true."""
     n, k = out_features, in_features
     rows_of_task, chunks = _skeleton(k, n, scheme.group_size, scheme.max_int)
-    words, groups, blocks = k // 8, k // scheme.group_size, k // BLOCK
+    words, groups = k // 8, k // scheme.group_size
+    padded_blocks = -(-k // BLOCK)  # the last one partial where k is not a multiple of BLOCK
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, q_weight: T.Buffer((n, words), "uint32"),
@@ -192,12 +233,15 @@ def gemv_kernel(in_features: int, out_features: int, scheme: QuantScheme, x_dtyp
         batch = T.int64()
         x = T.match_buffer(var_x, (batch, k), x_dtype)
         y = T.match_buffer(var_y, (batch, n), "float32")
-        x_lanes = T.sblock_alloc_buffer((batch, k), "float32")
+        x_lanes = T.sblock_alloc_buffer((batch, padded_blocks * BLOCK), "float32")
         with T.sblock("x_lanes"):
             # lane l of nibble i of a block multiplies the code at nibble i of the block's word l
-            for b, blk, i, lane in T.grid(batch, blocks, 8, LANES):
-                x_lanes[b, blk * BLOCK + i * LANES + lane] = T.Cast("float32",
-                                                                    x[b, blk * BLOCK + lane * 8 + i])
+            for b, blk, i, lane in T.grid(batch, padded_blocks, 8, LANES):
+                if blk * BLOCK + lane * 8 + i < k:
+                    x_lanes[b, blk * BLOCK + i * LANES + lane] = T.Cast(
+                        "float32", x[b, blk * BLOCK + lane * 8 + i])
+                else:  # past the row's end in a partial block: lanes that must add nothing
+                    x_lanes[b, blk * BLOCK + i * LANES + lane] = T.float32(0)
         for c in T.parallel(chunks):
             rows_of_task(x_lanes, q_weight, q_scale, y, batch, c)
 

@@ -13,15 +13,16 @@ from tvm.target import codegen
 from medusa_cli import avx512_gemv, cpu_tasks, quant
 from medusa_cli.compile import CompileRequest, compile_heads
 from medusa_cli.runtime import configure_cpu_threads, load_heads
-from tests._params import make_params_dir, random_hidden, reference_logits, tiny_config
+from tests._params import make_params_dir, random_hidden, reference_logits
 
 HOST = tvm.target.Target.from_device("cpu")
 needs_avx512 = pytest.mark.skipif(not codegen.target_has_features("avx512f", HOST),
                                   reason="this CPU has no AVX-512")
 
 # (in, out): one block of 128 codes, odd block counts, rows not a multiple of the 64 tasks,
-# and the vicuna-7b ResBlock
-SHAPES = [(128, 2), (384, 100), (256, 4098), (640, 130), (4096, 256)]
+# the vicuna-7b ResBlock, and in_features that end in a partial block (alone, or after full ones)
+SHAPES = [(128, 2), (384, 100), (256, 4098), (640, 130), (4096, 256),
+          (32, 2), (96, 100), (4000, 66)]
 BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
 
 
@@ -53,7 +54,10 @@ def test_kernel_matches_numpy(scheme_name, in_features, out_features):
 @needs_avx512
 @pytest.mark.parametrize("scheme_name", list(OTHER_GROUPS))
 def test_kernel_other_group_sizes(scheme_name):
-    _check_kernel(_scheme(scheme_name), 512, 66)
+    scheme = _scheme(scheme_name)
+    _check_kernel(scheme, 512, 66)
+    if scheme.group_size < avx512_gemv.BLOCK:  # a partial last block of two groups
+        _check_kernel(scheme, 512 + 16, 66)
 
 
 @needs_avx512
@@ -98,8 +102,9 @@ def _check_kernel(scheme: quant.QuantScheme, in_features: int, out_features: int
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 4096, True),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4096, 32001, False),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 100, 64, False),
-        # whole groups but not whole blocks of 128 codes
-        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4000, 64, False),
+        # whole groups, a partial last block of 128 codes
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_1", 4000, 64, True),
+        (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g16", 144, 64, True),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g256", 640, 64, False),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g256", 768, 64, True),
         (tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}), "q4f32_g16", 128, 64, True),
@@ -117,8 +122,8 @@ def test_supported(target, scheme_name, in_features, out_features, expected):
 @needs_avx512
 @pytest.mark.parametrize("scheme_name", ["q4f16_1", "q4f32_1"])
 def test_compile_for_this_cpu_uses_the_kernel(scheme_name, tmp_path):
-    # hidden 128: one block of codes per row, the kernel's smallest
-    params = make_params_dir(tmp_path / "params", scheme_name, seed=5, config=tiny_config(hidden_size=128))
+    # hidden 64: each row is one partial block of 8 words
+    params = make_params_dir(tmp_path / "params", scheme_name, seed=5)
     result = compile_heads(CompileRequest(params.path, target="cpu", max_batch_size=9))
     assert b"q4_gemv_avx512" in result.output.read_bytes()
     heads = load_heads(result.output, params.path)
