@@ -99,26 +99,19 @@ def _block_words(q_weight, row, block, row_words: int | None):
     """uint32x16: the words of `block` of `row`, one per lane. row_words (the row's word count)
     only for a last, partial block: its lanes past the row's end repeat the row's last word, and
     meet zeros in x_lanes."""
-    if row_words is None:
-        return q_weight[row, T.Ramp(block * LANES, 1, LANES)]
-    count = row_words - block * LANES
+    count = LANES if row_words is None else row_words - block * LANES
     return _lanes_from(q_weight, row, block * LANES, count, [min(l, count - 1) for l in range(LANES)])
 
 
 def _lane_scales(q_scale, row, block, group: int, groups: int | None):
-    """float32x16: the scale of each lane's word in `block` of `row`. groups (the row's group
-    count) only for a last, partial block, whose lanes past the row's end take its last scale."""
-    if groups is not None:
-        first, words_per_group = block * BLOCK // group, group // 8
-        count = groups - first
-        return T.Cast("float32x16", _lanes_from(
-            q_scale, row, first, count, [min(l // words_per_group, count - 1) for l in range(LANES)]))
-    if group >= BLOCK:
-        return T.Broadcast(T.Cast("float32", q_scale[row, block * BLOCK // group]), LANES)
-    per_block, words_per_group = BLOCK // group, group // 8
-    scales = T.Cast(f"float32x{per_block}", q_scale[row, T.Ramp(block * per_block, 1, per_block)])
-    # a shuffle picks from the concatenation of its inputs, as many lanes as they have together
-    return T.Shuffle([scales] * (LANES // per_block), [lane // words_per_group for lane in range(LANES)])
+    """float32x16: the scale of each lane's word in `block` of `row` (a block covers
+    BLOCK // group groups, or lies inside one). groups (the row's group count) only for a last,
+    partial block, whose lanes past the row's end take its last scale."""
+    first = block * BLOCK // group
+    count = max(1, BLOCK // group) if groups is None else groups - first
+    words_per_group = group // 8
+    return T.Cast("float32x16", _lanes_from(
+        q_scale, row, first, count, [min(l // words_per_group, count - 1) for l in range(LANES)]))
 
 
 def _skeleton(k: int, n: int, group: int, max_int: int):
