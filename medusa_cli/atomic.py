@@ -2,7 +2,9 @@
 
 Everything is written beside its final path (same filesystem, so the rename is atomic) and
 renamed into place at the end. On any error or Ctrl-C the partial output is removed and an
-existing output is left as it was.
+existing output is left as it was. What is renamed into place is on disk first (fsync of its
+files and folder, then of the folder it lands in), so that a crash just after publishing
+cannot leave files that exist but are empty.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def _writable_parent(output: Path) -> None:
         raise InputError(f"{output}: cannot create {output.parent} ({exc.strerror})") from None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under root, then every folder, to disk (files already synced cost little)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 class StagedDirectory:
     """A directory being filled beside `output`; publish() moves it into place."""
 
@@ -44,6 +62,7 @@ class StagedDirectory:
 
     def publish(self) -> None:
         """Replace `output` with the staged directory; an old output is removed only after."""
+        _fsync_tree(self.path)
         if self.output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old-", dir=self.output.parent))
             os.replace(self.output, trash / self.output.name)
@@ -51,6 +70,7 @@ class StagedDirectory:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.path, self.output)
+        _fsync(self.output.parent)
         self.published = True
 
 
@@ -78,6 +98,8 @@ def staged_file(output: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, output)
+        _fsync(output.parent)
     finally:
         tmp.unlink(missing_ok=True)

@@ -135,17 +135,26 @@ class _ShardWriter:
         return record
 
     def close(self) -> tuple[dict, Future]:
-        """The shard's record (md5sum still to fill in) and the future of its md5."""
-        self.file.close()
-        digest = self._hasher.submit(self.md5.hexdigest)
+        """The shard's record (md5sum still to fill in) and the future of its md5, which also
+        waits for the shard's bytes to reach the disk."""
+        digest = self._hasher.submit(self._finish)
         self._hasher.shutdown(wait=False)
         record = {"dataPath": self.name, "format": "raw-shard", "nbytes": self.nbytes,
                   "records": self.records, "md5sum": None}
         return record, digest
 
-    def abandon(self) -> None:
+    def _finish(self) -> str:
+        """On the shard's own thread, after its hashing: the file's data synced to disk (the
+        write-back overlaps the other shards' hashing, where a sync after the whole conversion
+        would wait for all of it; and a published directory then survives a crash), closed,
+        and the md5."""
+        os.fdatasync(self.file.fileno())
         self.file.close()
+        return self.md5.hexdigest()
+
+    def abandon(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
+        self.file.close()
 
 
 def _copy_file_range(source, fd_out: int) -> int:
