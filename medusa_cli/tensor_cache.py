@@ -93,7 +93,7 @@ class _HashBudget:
 class _ShardWriter:
     """One shard file, written in the caller's thread and hashed on a thread of its own."""
 
-    def __init__(self, out_dir: Path, index: int, budget: _HashBudget):
+    def __init__(self, out_dir: Path, index: int, budget: _HashBudget, disk: ThreadPoolExecutor):
         self.name = f"params_shard_{index}.bin"
         # unbuffered: bytes copied file to file (copy_file_range) land at the file's position
         self.file = open(out_dir / self.name, "wb", buffering=0)
@@ -101,6 +101,7 @@ class _ShardWriter:
         self.nbytes = 0
         self.records: list[dict] = []
         self._budget = budget
+        self._disk = disk
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"md5-{index}")
 
     def append(self, name: str, array: np.ndarray, source=None) -> TensorRecord:
@@ -136,19 +137,21 @@ class _ShardWriter:
 
     def close(self) -> tuple[dict, Future]:
         """The shard's record (md5sum still to fill in) and the future of its md5, which also
-        waits for the shard's bytes to reach the disk."""
-        digest = self._hasher.submit(self._finish)
+        waits for the shard's bytes to reach the disk. The sync starts at once on the disk
+        thread, beside the shard's remaining hashing: its write-back overlaps the hashing,
+        where a sync after the whole conversion would wait for all of it, and a published
+        directory survives a crash."""
+        synced = self._disk.submit(os.fdatasync, self.file.fileno())
+        digest = self._hasher.submit(self._finish, synced)
         self._hasher.shutdown(wait=False)
         record = {"dataPath": self.name, "format": "raw-shard", "nbytes": self.nbytes,
                   "records": self.records, "md5sum": None}
         return record, digest
 
-    def _finish(self) -> str:
-        """On the shard's own thread, after its hashing: the file's data synced to disk (the
-        write-back overlaps the other shards' hashing, where a sync after the whole conversion
-        would wait for all of it; and a published directory then survives a crash), closed,
-        and the md5."""
-        os.fdatasync(self.file.fileno())
+    def _finish(self, synced: Future) -> str:
+        """On the shard's own thread, after its hashing: once its data is on disk, the file
+        closed, and the md5."""
+        synced.result()
         self.file.close()
         return self.md5.hexdigest()
 
@@ -204,13 +207,15 @@ def write_tensor_cache(
     stored_elements = 0
     shard: _ShardWriter | None = None
     budget = _HashBudget(_HASHES_IN_FLIGHT)
+    # shards' data synced to disk in the order they close (I/O: one thread is enough)
+    disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdatasync")
     try:
         for name, array, *source in tensors:
             if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
                 closed.append(shard.close())
                 shard = None
             if shard is None:
-                shard = _ShardWriter(out_dir, len(closed), budget)
+                shard = _ShardWriter(out_dir, len(closed), budget, disk)
             tensors_out.append(shard.append(name, array, source[0] if source else None))
             stored_elements += array.size
             if progress is not None:
@@ -225,6 +230,7 @@ def write_tensor_cache(
     finally:
         if shard is not None:
             shard.abandon()
+        disk.shutdown(wait=False)
     shard_records = [record for record, _ in closed]
 
     param_bytes = sum(s["nbytes"] for s in shard_records)
