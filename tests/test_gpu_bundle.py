@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from medusa_cli import gpu_bundle
 
 
-def test_build_then_run_on_the_runtime_alone(tmp_path, monkeypatch):
+def test_build_then_run_on_the_runtime_alone(tmp_path):
     bundle = tmp_path / "bundle"
     built = gpu_bundle.build(bundle, "tiny", ["q4f16_1"], "cpu", None)
     assert [p.name for p in built] == ["heads-q4f16_1.so", "tvm-runtime.tar.xz"]
@@ -25,8 +26,17 @@ def test_build_then_run_on_the_runtime_alone(tmp_path, monkeypatch):
     assert "tvm/lib/libtvm_runtime.so" in names
     assert not [n for n in names if "libtvm_compiler" in n or "__pycache__" in n]
 
-    monkeypatch.chdir(Path(gpu_bundle.__file__).parents[1])  # the repository root
-    assert gpu_bundle.run(bundle, "cpu", tmp_path / "out", "tiny", "1,2") == 0
+    # as on the GPU machine: a Python where medusa-cli is not installed (the base interpreter,
+    # its dependencies through PYTHONPATH, which runs no .pth file such as the editable
+    # install's), run from the checkout
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
+    child = subprocess.run([str(base_python), "-m", "medusa_cli.gpu_bundle", "run", "--bundle",
+                            str(bundle), "--device", "cpu", "--preset", "tiny", "--batches", "1,2",
+                            "--output", str(tmp_path / "out")],
+                           cwd=Path(gpu_bundle.__file__).parents[1], env=env, capture_output=True,
+                           text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
     text = (tmp_path / "out" / "BENCHMARKS-GPU.md").read_text()
     assert re.search(r"- TVM [\d.]+\S* \(runtime only\)\.", text), text
     rows = [line for line in text.splitlines() if line.startswith("| q4f16_1 |")]
