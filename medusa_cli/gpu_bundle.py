@@ -85,11 +85,14 @@ def build(bundle: Path, preset: str, schemes: list[str], target: str, arch: str 
 
 
 def _cuda_runtime_dirs() -> list[str]:
-    """Folders holding libcudart.so.13, which TVM's CUDA runtime links: the toolkit's, or the
-    copy pip installed for PyTorch."""
-    candidates = [Path("/usr/local/cuda/lib64"), *sorted(Path("/usr/local").glob("cuda-13*/lib64")),
-                  Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "lib"]
-    return [str(d) for d in candidates if (d / "libcudart.so.13").exists()][:1]
+    """The first folder holding libcudart.so.13, which TVM's CUDA runtime links: a CUDA
+    toolkit's, else a copy pip installed for PyTorch (nvidia-cuda-runtime)."""
+    toolkits = [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-13*"))]
+    candidates = [d / sub / "libcudart.so.13" for d in toolkits for sub in ("lib64", "lib")]
+    wheels = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
+    if wheels.is_dir():
+        candidates += sorted(wheels.rglob("libcudart.so.13"))
+    return [str(c.parent) for c in candidates if c.exists()][:1]
 
 
 def run(bundle: Path, device: str, output: Path, preset: str, batches: str) -> int:
