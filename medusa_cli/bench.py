@@ -255,7 +255,7 @@ def bench_heads(request: BenchRequest) -> BenchReport:
     from .tensor_cache import read_tensor_cache
 
     weight_bytes = sum(t.nbytes for t in read_tensor_cache(request.params_dir).tensors)
-    on_cpu = heads.num_threads is not None
+    on_cpu = heads.num_threads is not None  # CompiledHeads sizes a thread pool on a CPU only
     bandwidth = measure_read_bandwidth() if on_cpu else measure_device_bandwidth(heads.device)
     reference = float32_heads(request.params_dir, heads.config, heads.quantization) \
         if request.numpy_baseline else None
