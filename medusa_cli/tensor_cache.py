@@ -6,9 +6,7 @@ would take it past the cap. Every tensor is stored "raw" (never tvmjs' default f
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -19,10 +17,10 @@ import numpy as np
 
 from .config import TENSOR_CACHE_FILE
 from .errors import ParamsError
+from .md5_lanes import file_hasher, md5_files
 from .quant import NUMPY_DTYPES
 
 SHARD_CAP_BYTES = 32 * 1024 * 1024
-_MD5_CHUNK = 1 << 22
 
 
 def dtype_name(array: np.ndarray) -> str:
@@ -64,45 +62,18 @@ class TensorCache:
         return {t.name: t for t in self.tensors}
 
 
-class _HashBudget:
-    """md5 work in flight across shards, bounded: each pending job pins its tensor in memory.
-
-    Shards are hashed independently (each on its own thread, in order within the shard), so
-    consecutive large tensors (one shard each) hash in parallel on a multi-core machine; md5
-    runs at about 0.7 GB/s per core and would otherwise pace the whole conversion. The bound is
-    in bytes, `tensors` times the largest tensor so far: counting jobs instead let the small
-    bias between two vocab projections hold the second one back until the first was hashed.
-    """
-
-    def __init__(self, tensors: int):
-        self.tensors = tensors
-        self._largest = 0
-        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
-
-    def admit(self, job: Future, nbytes: int) -> None:
-        self._largest = max(self._largest, nbytes)
-        self._pending.append((job, nbytes))
-        while sum(n for _, n in self._pending) > self.tensors * self._largest:
-            self._pending.popleft()[0].result()
-
-    def drain(self) -> None:
-        while self._pending:
-            self._pending.popleft()[0].result()
-
-
 class _ShardWriter:
-    """One shard file, written in the caller's thread and hashed on a thread of its own."""
+    """One shard file, written in the caller's thread; synced and hashed once closed."""
 
-    def __init__(self, out_dir: Path, index: int, budget: _HashBudget, disk: ThreadPoolExecutor):
+    def __init__(self, out_dir: Path, index: int, disk: ThreadPoolExecutor, hasher):
         self.name = f"params_shard_{index}.bin"
+        self.path = out_dir / self.name
         # unbuffered: bytes copied file to file (copy_file_range) land at the file's position
-        self.file = open(out_dir / self.name, "wb", buffering=0)
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.file = open(self.path, "wb", buffering=0)
         self.nbytes = 0
         self.records: list[dict] = []
-        self._budget = budget
         self._disk = disk
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"md5-{index}")
+        self._digest = hasher.open(self.path)  # hashed as it grows
 
     def append(self, name: str, array: np.ndarray, source=None) -> TensorRecord:
         """source: where the array's exact bytes are stored in an open file (fd, offset,
@@ -111,9 +82,13 @@ class _ShardWriter:
         fault per page inside the copy, 2.5 s of system time for a 1.4 GB checkpoint."""
         data = np.ascontiguousarray(array)
         view = memoryview(data.reshape(-1).view(np.uint8))
-        copied = _copy_file_range(source, self.file.fileno()) if source is not None else 0
+        start = self.nbytes
+        copied = 0
+        if source is not None:
+            copied = _copy_file_range(source, self.file.fileno(),
+                                      lambda n: self._digest.grew(start + n))
         _write_all(self.file, view[copied:])
-        self._budget.admit(self._hasher.submit(self.md5.update, view), data.nbytes)
+        self._digest.grew(self.nbytes + data.nbytes)
         record = TensorRecord(
             name=name,
             shape=tuple(int(d) for d in data.shape),
@@ -135,42 +110,47 @@ class _ShardWriter:
         )
         return record
 
-    def close(self) -> tuple[dict, Future]:
-        """The shard's record (md5sum still to fill in) and the future of its md5, which also
-        waits for the shard's bytes to reach the disk. The sync starts at once on the disk
-        thread, beside the shard's remaining hashing: its write-back overlaps the hashing,
-        where a sync after the whole conversion would wait for all of it, and a published
-        directory survives a crash."""
-        synced = self._disk.submit(os.fdatasync, self.file.fileno())
-        digest = self._hasher.submit(self._finish, synced)
-        self._hasher.shutdown(wait=False)
+    def close(self) -> tuple[dict, Future, Future]:
+        """The shard's record (md5sum still to fill in), the future of its sync and the future
+        of its md5. The sync starts at once on the disk thread, so the write-back overlaps the
+        rest of the conversion (where a sync after it would wait for all of it) and a published
+        directory survives a crash. The md5 is read back from the file (in the page cache) as
+        it grows, beside other shards' (md5_lanes)."""
+        synced = self._disk.submit(_sync_and_close, self.file)
+        digest = self._digest.finish(self.nbytes)
         record = {"dataPath": self.name, "format": "raw-shard", "nbytes": self.nbytes,
                   "records": self.records, "md5sum": None}
-        return record, digest
-
-    def _finish(self, synced: Future) -> str:
-        """On the shard's own thread, after its hashing: once its data is on disk, the file
-        closed, and the md5."""
-        synced.result()
-        self.file.close()
-        return self.md5.hexdigest()
+        return record, synced, digest
 
     def abandon(self) -> None:
-        self._hasher.shutdown(wait=True, cancel_futures=True)
-        self.file.close()
+        self.file.close()  # its md5 stops with the hasher's close(cancel=True)
 
 
-def _copy_file_range(source, fd_out: int) -> int:
+def _sync_and_close(file) -> None:
+    try:
+        os.fdatasync(file.fileno())
+    finally:
+        file.close()
+
+
+# bytes per copy_file_range call: the md5 of the shard follows the copy (md5_lanes reads what
+# has been written), where one call for a whole vocab projection would leave it all to the end
+_COPY_PIECE = 32 * 1024 * 1024
+
+
+def _copy_file_range(source, fd_out: int, copied: Callable[[int], None]) -> int:
     """Bytes of `source` (fd, offset, nbytes) copied to fd_out at its position; fewer (down to
-    0) where the kernel or file system cannot (the caller writes the rest)."""
+    0) where the kernel or file system cannot (the caller writes the rest). copied(n) after
+    each piece, with the bytes copied so far."""
     copy = getattr(os, "copy_file_range", None)
     done = 0
     try:
         while copy is not None and done < source.nbytes:
-            n = copy(source.fd, fd_out, source.nbytes - done, source.offset + done)
+            n = copy(source.fd, fd_out, min(_COPY_PIECE, source.nbytes - done), source.offset + done)
             if n == 0:
                 break
             done += n
+            copied(done)
     except OSError:
         pass  # EXDEV, ENOSYS, EINVAL...: what was copied stays, the rest is written
     return done
@@ -180,11 +160,6 @@ def _write_all(file, view: memoryview) -> None:
     """An unbuffered write may take fewer bytes than given (Linux: at most 2 GiB per call)."""
     while len(view):
         view = view[file.write(view):]
-
-
-# Hash work in flight, in largest tensors: one per core of a small machine, plus the tensor
-# being written.
-_HASHES_IN_FLIGHT = 2
 
 
 def write_tensor_cache(
@@ -202,20 +177,21 @@ def write_tensor_cache(
     the stored element count). progress receives the bytes of each tensor once written.
     """
     out_dir = Path(out_dir)
-    closed: list[tuple[dict, Future]] = []
+    closed: list[tuple[dict, Future, Future]] = []
     tensors_out: list[TensorRecord] = []
     stored_elements = 0
     shard: _ShardWriter | None = None
-    budget = _HashBudget(_HASHES_IN_FLIGHT)
     # shards' data synced to disk in the order they close (I/O: one thread is enough)
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdatasync")
+    hasher = file_hasher()
+    failed = True
     try:
         for name, array, *source in tensors:
             if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
                 closed.append(shard.close())
                 shard = None
             if shard is None:
-                shard = _ShardWriter(out_dir, len(closed), budget, disk)
+                shard = _ShardWriter(out_dir, len(closed), disk, hasher)
             tensors_out.append(shard.append(name, array, source[0] if source else None))
             stored_elements += array.size
             if progress is not None:
@@ -224,14 +200,17 @@ def write_tensor_cache(
         if shard is not None:
             closed.append(shard.close())
             shard = None
-        budget.drain()
-        for record, digest in closed:
+        for record, synced, digest in closed:
+            synced.result()
             record["md5sum"] = digest.result()
+        failed = False
     finally:
         if shard is not None:
             shard.abandon()
-        disk.shutdown(wait=False)
-    shard_records = [record for record, _ in closed]
+        # on failure: stop hashing, and let the syncs finish (they close the files)
+        hasher.close(cancel=failed)
+        disk.shutdown(wait=True)
+    shard_records = [record for record, _, _ in closed]
 
     param_bytes = sum(s["nbytes"] for s in shard_records)
     param_count = source_param_count or stored_elements
@@ -272,14 +251,6 @@ def read_tensor_cache(params_dir: Path) -> TensorCache:
         raise ParamsError(f"{path}: malformed tensor cache ({exc!r}); re-run `medusa convert`") from None
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_MD5_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_integrity(params_dir: Path, cache: TensorCache | None = None) -> TensorCache:
     """Check every shard's size and md5 against tensor-cache.json; raise ParamsError naming the file."""
     params_dir = Path(params_dir)
@@ -294,10 +265,13 @@ def check_integrity(params_dir: Path, cache: TensorCache | None = None) -> Tenso
                 f"{path}: shard is {size} bytes, {TENSOR_CACHE_FILE} says {shard['nbytes']}; "
                 "the directory is corrupted, re-run `medusa convert`"
             )
-        if shard.get("md5sum") and file_md5(path) != shard["md5sum"]:
+    recorded = [shard for shard in cache.shards if shard.get("md5sum")]
+    digests = md5_files([params_dir / shard["dataPath"] for shard in recorded])
+    for shard, digest in zip(recorded, digests):
+        if digest != shard["md5sum"]:
             raise ParamsError(
-                f"{path}: md5 mismatch against {TENSOR_CACHE_FILE}; the shard is corrupted, "
-                "re-run `medusa convert`"
+                f"{params_dir / shard['dataPath']}: md5 mismatch against {TENSOR_CACHE_FILE}; "
+                "the shard is corrupted, re-run `medusa convert`"
             )
     return cache
 

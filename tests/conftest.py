@@ -11,6 +11,15 @@ from medusa_cli.config import MedusaConfig
 from medusa_cli.example import ExampleRequest, iter_example_reference, preset_config, write_example
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache(tmp_path_factory):
+    """Compiled helper kernels (md5_lanes) go to a folder of this run, not the user's cache;
+    children started by tests inherit it."""
+    import os
+
+    os.environ["MEDUSA_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+
+
 @pytest.fixture
 def tiny_config() -> MedusaConfig:
     return preset_config("tiny")[0]
