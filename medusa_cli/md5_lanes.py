@@ -1,26 +1,31 @@
-"""md5 of several files at once, one vector lane per file, for the shards' md5sum.
+"""md5 of several messages at once, one vector lane each, for the shards' md5sum.
 
 MLC's tensor-cache.json records each shard's md5, and `medusa convert` computes them. hashlib's
 md5 runs at about 0.7 GB/s on one core and cannot go faster: every 64-byte block of a message
 depends on the one before. A packed directory has many shards, though, and nothing links one
 shard's md5 to another's, so a vector of LANES uint32 lanes can run the MD5 rounds (RFC 1321)
-of LANES shards side by side, at the cost of about one shard.
+of LANES shards side by side, at the cost of about one.
 
 The kernel is written in TIR and compiled by TVM for the host CPU:
     md5_lanes(state uint32[4, LANES], table uint32[64], blocks int32, data_0 .. data_{LANES-1})
 runs `blocks` 64-byte blocks of each lane's bytes (data_l: the address of lane l's next block)
 through MD5's compression function, updating state in place: row j holds the word j (A, B, C,
 D) of every lane. Per block it loads 64 bytes of each lane, transposes them (one vector per
-message word, a lane per file: log2(LANES) rounds of two-vector shuffles), and runs the 64 steps
-on vectors. The additive constants come from `table`, not the code: TVM 0.27's simplifier
+message word, a lane per message: log2(LANES) rounds of two-vector shuffles), and runs the 64
+steps on vectors. The additive constants come from `table`, not the code: TVM 0.27's simplifier
 rewrites (x + c) >> s for a uint32 c near 2**32 as if the sum could not wrap.
 
 It is built once per CPU, TVM version and KERNEL_VERSION into the user's cache folder
 ($MEDUSA_CACHE_DIR, else $XDG_CACHE_HOME/medusa-cli, else ~/.cache/medusa-cli; a temporary one
-when that is not writable), and later only loaded through tvm_ffi: 0.1 s, where `import tvm`
-alone takes 0.65 s. Every load checks the kernel against hashlib on messages of every length
-class; if building, loading or that check fails, or MEDUSA_MD5=hashlib is set, the files are
-hashed with hashlib on a thread per core instead. The digests are the same either way.
+when that is not writable), about 1 s with `import tvm`. It is a plain C function, without
+TVM's packed-call wrapper, so later runs load it with ctypes, without TVM (0.05 s), and a call
+lets other threads run (ctypes releases the GIL). Every load checks it against hashlib on
+messages of every padding case; if building, loading or that check fails, or MEDUSA_MD5=hashlib
+is set, hashlib does the work on a thread per core instead. The digests are the same either way.
+
+A message is a sequence of regions of open files (or arrays), which the writer may add while it
+is hashed: convert gives the source's bytes for tensors it copies file to file, so a shard's
+md5 does not wait for its copy.
 
 Measured on the 2-core Zen 4 VM, 16 MiB per lane, one core: 8 lanes 4.4 GB/s in all
 (0.55 GB/s per lane), 16 lanes 6.1, 4 lanes 2.4; hashlib 0.71. LANES is 8: a call costs about
@@ -46,7 +51,7 @@ from .checkpoint import map_file_region
 
 LANES = 8
 # bump when the kernel's code or calling convention changes: the cache key includes it
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 # blocks per lane and call (4 MiB): bounds the mapped pages a lane holds in memory
 _CALL_BLOCKS = 1 << 16
 
@@ -154,17 +159,15 @@ _PIPELINE = "medusa_md5"
 
 
 def _pipeline():
-    """The least of TVM's TIR pipeline a host kernel needs: its simplifier passes are left
-    out, because of the wrap-around rewrite above."""
+    """The least of TVM's TIR pipeline a host kernel needs: the simplifier is left out (the
+    wrap-around rewrite above), and so is MakePackedAPI, which would wrap the function in TVM's
+    calling convention: it stays a C function of its parameters."""
     import tvm
     from tvm import tirx
     from tvm.tirx import compilation_pipeline
 
-    lower = tvm.transform.Sequential([tirx.transform.AnnotateEntryFunc(),
-                                      tirx.transform.SplitHostDevice(),
-                                      tirx.transform.MakePackedAPI()])
-    return (lower, compilation_pipeline.finalize_host_passes,
-            compilation_pipeline.finalize_device_passes)
+    return (tvm.transform.Sequential([tirx.transform.AnnotateEntryFunc()]),
+            lambda: tvm.transform.Sequential([]), compilation_pipeline.finalize_device_passes)
 
 
 def build_library(path: Path, lanes: int = LANES) -> Path:
@@ -229,8 +232,15 @@ class _Kernel:
     def __call__(self, state: np.ndarray, blocks: int, addresses: list[int]) -> None:
         """Run `blocks` blocks of each lane (state uint32[4, lanes], updated in place)."""
         assert state.dtype == np.uint32 and state.flags.c_contiguous and state.shape == (4, self.lanes)
-        self.function(ctypes.c_void_p(state.ctypes.data), ctypes.c_void_p(self.table.ctypes.data),
-                      blocks, *(ctypes.c_void_p(a) for a in addresses))
+        self.function(state.ctypes.data, self.table.ctypes.data, blocks, *addresses)
+
+
+def _c_function(path: Path, lanes: int):
+    """md5_lanes from the library at `path`, typed for ctypes (addresses as ints)."""
+    function = ctypes.CDLL(str(path)).md5_lanes
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * lanes
+    return function
 
 
 _loaded: dict[int, _Kernel | None] = {}
@@ -250,8 +260,6 @@ def _load_checked(lanes: int) -> _Kernel | None:
     if os.environ.get("MEDUSA_MD5") == "hashlib":
         return None
     try:
-        import tvm_ffi
-
         path = library_path(lanes)
         if not path.is_file():
             try:
@@ -260,9 +268,9 @@ def _load_checked(lanes: int) -> _Kernel | None:
             except OSError:
                 # cache not writable: a private copy, unlinked once loaded
                 with tempfile.TemporaryDirectory(prefix="medusa-md5-") as tmp:
-                    module = tvm_ffi.load_module(str(build_library(Path(tmp) / path.name, lanes)))
-                    return _checked(_Kernel(module["md5_lanes"], lanes))
-        return _checked(_Kernel(tvm_ffi.load_module(str(path))["md5_lanes"], lanes))
+                    function = _c_function(build_library(Path(tmp) / path.name, lanes), lanes)
+                    return _checked(_Kernel(function, lanes))
+        return _checked(_Kernel(_c_function(path, lanes), lanes))
     except Exception:  # no compiler, a TVM without LLVM, a broken cache file: use hashlib
         return None
 
@@ -275,8 +283,14 @@ def _checked(kernel: _Kernel) -> _Kernel | None:
     rng = np.random.default_rng(KERNEL_VERSION)
     messages = [rng.integers(0, 256, size=n, dtype=np.uint8) for n in _CHECK_LENGTHS]
     lanes = _Lanes(kernel)
-    streams = [_Stream(data=m) for m in messages]
-    for stream in streams:
+    streams = []
+    for message in messages:
+        stream = _Stream()
+        # two regions, so a block straddles them
+        half = len(message) // 2
+        stream.regions = [(message, 0, half), (message, half, len(message) - half)]
+        stream.written = (2, True)
+        streams.append(stream)
         lanes.queue.append(stream)
     while lanes.busy():
         lanes.step()
@@ -285,69 +299,107 @@ def _checked(kernel: _Kernel) -> _Kernel | None:
 
 
 class _Stream:
-    """One message hashed in a lane: a file that may still be growing (its writer reports the
-    bytes written so far, then that it is complete), or an array. Bytes are read through a
-    mapped window per call, so a lane holds at most one call's worth of a file in memory."""
+    """One message hashed in a lane: a sequence of byte regions, each of an open file (fd) or
+    an array, appended while it is hashed (a writer reports each region once its bytes can be
+    read), then marked complete. A file region is read through a mapped window per call, so a
+    lane holds at most one call's worth of a file in memory. A block that straddles two
+    regions is copied into a 64-byte buffer."""
 
-    def __init__(self, path: Path | None = None, data: np.ndarray | None = None):
+    def __init__(self):
         self.future: Future = Future()
-        self.path = path
-        self.data = data  # uint8[n], when not a file
-        self.fd = os.open(path, os.O_RDONLY) if path is not None else None
-        # (bytes that may be read, whether no more will come): one tuple, which the writer's
+        self.regions: list[tuple[int | np.ndarray, int, int]] = []  # (fd or array, offset, nbytes)
+        # (regions that may be read, whether no more will come): one tuple, which the writer's
         # thread replaces whole, so the hashing thread never sees half an update
-        self.written = (len(data), True) if data is not None else (0, False)
-        self.done = 0  # bytes hashed
+        self.written: tuple[int, bool] = (0, False)
+        self.region = 0  # the region being hashed
+        self.at = 0  # bytes of it hashed
+        self.done = 0  # bytes hashed in all
+        self.staged: np.ndarray | None = None  # the next block, gathered from several regions
         self.tail: np.ndarray | None = None  # the last one or two blocks, padded
         self.tail_done = 0  # of its blocks, hashed
+        self.owned_fds: list[int] = []  # closed with the stream
         self._window: np.ndarray | None = None
 
     def ready(self) -> int:
         """Blocks that can be hashed now (0: waiting for the writer, or finished)."""
-        if self.tail is None:
-            known, complete = self.written
-            full = (known - self.done) // 64
-            if full or not complete:
-                return full
-            self.tail = _padded_tail(self._read_rest(known), known)
-        return len(self.tail) // 64 - self.tail_done
+        if self.tail is not None:
+            return len(self.tail) // 64 - self.tail_done
+        count, complete = self.written
+        length = sum(r[2] for r in self.regions[:count])
+        self._skip_empty(count)
+        if self.region < count and self.regions[self.region][2] - self.at >= 64:
+            return (self.regions[self.region][2] - self.at) // 64
+        if length - self.done >= 64:
+            self.staged = self._gather(64, count)
+            return 1
+        if not complete:
+            return 0
+        self.tail = _padded_tail(self._gather(length - self.done, count), length)
+        return len(self.tail) // 64
 
     def window(self, blocks: int) -> int:
         """The address of the next `blocks` blocks (valid until advance)."""
         if self.tail is not None:
             return self.tail.ctypes.data + 64 * self.tail_done
-        if self.data is not None:
-            return self.data.ctypes.data + self.done
-        self._window = map_file_region(self.fd, self.done, 64 * blocks)
+        if self.staged is not None:
+            return self.staged.ctypes.data
+        source, offset, _ = self.regions[self.region]
+        self._window = _region_bytes(source, offset + self.at, 64 * blocks)
         return self._window.ctypes.data
 
     def advance(self, blocks: int) -> None:
-        self._unmap()
-        if self.tail is None:
-            self.done += 64 * blocks
-        else:
+        self._window = None  # the last reference to a mapped window: unmapped now
+        if self.tail is not None:
             self.tail_done += blocks
+        elif self.staged is not None:
+            self.staged = None
+            self._consume(64)
+        else:
+            self._consume(64 * blocks)
 
     @property
     def finished(self) -> bool:
         return self.tail is not None and 64 * self.tail_done == len(self.tail)
 
     def close(self) -> None:
-        self._unmap()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self._window = None
+        while self.owned_fds:
+            os.close(self.owned_fds.pop())
 
-    def _read_rest(self, known: int) -> np.ndarray:
-        if self.data is not None:
-            return self.data[self.done:known]
-        rest = os.pread(self.fd, known - self.done, self.done)
-        if len(rest) != known - self.done:
-            raise OSError(f"{self.path}: shorter than the {known} bytes written to it")
-        return np.frombuffer(rest, dtype=np.uint8)
+    def _skip_empty(self, count: int) -> None:
+        while self.region < count and self.at == self.regions[self.region][2]:
+            self.region += 1
+            self.at = 0
 
-    def _unmap(self) -> None:
-        self._window = None  # the last reference: unmapped now
+    def _consume(self, nbytes: int) -> None:
+        self.done += nbytes
+        while nbytes:
+            step = min(nbytes, self.regions[self.region][2] - self.at)
+            self.at += step
+            nbytes -= step
+            if self.at == self.regions[self.region][2]:
+                self.region += 1
+                self.at = 0
+
+    def _gather(self, nbytes: int, count: int) -> np.ndarray:
+        """The next `nbytes` bytes, from as many regions as they span."""
+        parts, region, at = [], self.region, self.at
+        while nbytes:
+            source, offset, size = self.regions[region]
+            take = min(nbytes, size - at)
+            parts.append(_region_bytes(source, offset + at, take).tobytes())
+            nbytes -= take
+            region, at = region + 1, 0
+        return np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+
+
+def _region_bytes(source: int | np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    """uint8 view of bytes [offset, offset + nbytes) of an open file (mapped) or an array."""
+    if isinstance(source, np.ndarray):
+        return source[offset:offset + nbytes]
+    if nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return map_file_region(source, offset, nbytes)
 
 
 def _padded_tail(rest: np.ndarray, length: int) -> np.ndarray:
@@ -415,58 +467,67 @@ class _Lanes:
 
 
 class StreamHandle:
-    """A file being written, hashed as it grows: grew(n) after writing its first n bytes,
-    then finish() for the future of its hex md5."""
+    """A message given region by region: add(fd, offset, nbytes) once those bytes of a file
+    open for reading can be read (an array instead of an fd: bytes of it), then finish() for
+    the future of its hex md5. The fds must stay open until that future is done."""
 
     def __init__(self, hasher: "LaneHasher", stream: _Stream):
         self._hasher, self._stream = hasher, stream
 
-    def grew(self, nbytes: int) -> None:
-        self._hasher._update(self._stream, nbytes, complete=False)
+    def add(self, source: int | np.ndarray, offset: int, nbytes: int) -> None:
+        self._stream.regions.append((source, offset, nbytes))
+        self._hasher._update(self._stream, complete=False)
 
-    def finish(self, nbytes: int) -> Future:
-        self._hasher._update(self._stream, nbytes, complete=True)
+    def finish(self) -> Future:
+        self._hasher._update(self._stream, complete=True)
         return self._stream.future
 
 
 class LaneHasher:
-    """Hashes files on one thread, up to LANES at a time in the kernel's lanes. submit(path)
-    for a complete file, open(path) for one still being written; both give a future of the
-    hex digest (or of the error that stopped it)."""
+    """Hashes messages on one thread, up to LANES at a time in the kernel's lanes. submit(path)
+    for a file, open() for a message given region by region; both give a future of the hex
+    digest (or of the error that stopped it)."""
 
     def __init__(self, kernel: _Kernel):
         self._lanes = _Lanes(kernel)
         self._wake = threading.Condition()
         self._closed = False
         self._cancel = False
-        self._changes = 0  # counts writers' reports, files queued and close()
+        self._changes = 0  # counts writers' reports, messages queued and close()
         self._thread = threading.Thread(target=self._run, name="md5-lanes", daemon=True)
         self._thread.start()
 
-    def open(self, path: Path) -> StreamHandle:
-        stream = _Stream(path=Path(path))
+    def open(self) -> StreamHandle:
+        stream = _Stream()
         with self._wake:
             if self._closed:
-                stream.close()
                 raise RuntimeError("LaneHasher is closed")
             self._lanes.queue.append(stream)
             self._changed()
         return StreamHandle(self, stream)
 
     def submit(self, path: Path) -> Future:
-        return self.open(path).finish(os.stat(path).st_size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            handle = self.open()
+        except BaseException:
+            os.close(fd)
+            raise
+        handle._stream.owned_fds.append(fd)
+        handle.add(fd, 0, os.fstat(fd).st_size)
+        return handle.finish()
 
     def close(self, cancel: bool = False) -> None:
-        """Stop once every stream is hashed; cancel: now, failing the unfinished ones."""
+        """Stop once every message is hashed; cancel: now, failing the unfinished ones."""
         with self._wake:
             self._closed = True
             self._cancel = cancel
             self._changed()
         self._thread.join()
 
-    def _update(self, stream: _Stream, nbytes: int, complete: bool) -> None:
+    def _update(self, stream: _Stream, complete: bool) -> None:
         with self._wake:
-            stream.written = (nbytes, complete)
+            stream.written = (len(stream.regions), complete)
             self._changed()
 
     def _changed(self) -> None:
@@ -505,7 +566,7 @@ def file_md5(path: Path) -> str:
 
 class ThreadHasher:
     """The same interface over hashlib, a thread per core: where the kernel is unavailable. A
-    file being written is hashed once finished."""
+    message given region by region is hashed once finished."""
 
     def __init__(self):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -514,22 +575,31 @@ class ThreadHasher:
     def submit(self, path: Path) -> Future:
         return self._pool.submit(file_md5, Path(path))
 
-    def open(self, path: Path) -> "_WholeFile":
-        return _WholeFile(self, Path(path))
+    def open(self) -> "_Regions":
+        return _Regions(self._pool)
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
-class _WholeFile:
-    def __init__(self, hasher: ThreadHasher, path: Path):
-        self._hasher, self._path = hasher, path
+class _Regions:
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._regions: list[tuple[int | np.ndarray, int, int]] = []
 
-    def grew(self, nbytes: int) -> None:
-        pass
+    def add(self, source: int | np.ndarray, offset: int, nbytes: int) -> None:
+        self._regions.append((source, offset, nbytes))
 
-    def finish(self, nbytes: int) -> Future:
-        return self._hasher.submit(self._path)
+    def finish(self) -> Future:
+        return self._pool.submit(_regions_md5, list(self._regions))
+
+
+def _regions_md5(regions: list[tuple[int | np.ndarray, int, int]]) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    for source, offset, nbytes in regions:
+        for start in range(0, nbytes, _CALL_BLOCKS * 64):
+            digest.update(_region_bytes(source, offset + start, min(_CALL_BLOCKS * 64, nbytes - start)))
+    return digest.hexdigest()
 
 
 def file_hasher() -> LaneHasher | ThreadHasher:

@@ -2,6 +2,8 @@
 
 Tensors are written as they arrive, one at a time; a shard is closed once the next tensor
 would take it past the cap. Every tensor is stored "raw" (never tvmjs' default f32-to-bf16).
+Two threads work beside the caller's: one copies and syncs the shards, the other hashes them
+(md5_lanes, several shards at once).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from .config import TENSOR_CACHE_FILE
 from .errors import ParamsError
+from .checkpoint import map_file_region
 from .md5_lanes import file_hasher, md5_files
 from .quant import NUMPY_DTYPES
 
@@ -63,32 +66,35 @@ class TensorCache:
 
 
 class _ShardWriter:
-    """One shard file, written in the caller's thread; synced and hashed once closed."""
+    """One shard file. Bytes kept from the source (a FileRegion) are copied file to file on the
+    disk thread, in the order given, and hashed from the source; other tensors are written
+    from the caller's thread and hashed from the shard. So the md5 of a shard does not wait
+    for its copy, and the caller goes on to the next tensor at once."""
 
     def __init__(self, out_dir: Path, index: int, disk: ThreadPoolExecutor, hasher):
         self.name = f"params_shard_{index}.bin"
-        self.path = out_dir / self.name
-        # unbuffered: bytes copied file to file (copy_file_range) land at the file's position
-        self.file = open(self.path, "wb", buffering=0)
+        path = out_dir / self.name
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.read_fd = os.open(path, os.O_RDONLY)  # for the md5 of tensors written here
         self.nbytes = 0
         self.records: list[dict] = []
+        self.jobs: list[Future] = []  # copies, then the sync, on the disk thread
         self._disk = disk
-        self._digest = hasher.open(self.path)  # hashed as it grows
+        self._digest = hasher.open()
 
     def append(self, name: str, array: np.ndarray, source=None) -> TensorRecord:
         """source: where the array's exact bytes are stored in an open file (fd, offset,
-        nbytes), or None. They are then copied file to file in the kernel (copy_file_range,
-        as cp does), not through this process: writing from a mapped source costs a page
-        fault per page inside the copy, 2.5 s of system time for a 1.4 GB checkpoint."""
+        nbytes; it must stay open until the shard is done), or None. Those are copied file to
+        file in the kernel (copy_file_range, as cp does), not through this process: writing
+        from a mapped source costs a page fault per page inside the copy, 2.5 s of system
+        time for a 1.4 GB checkpoint."""
         data = np.ascontiguousarray(array)
-        view = memoryview(data.reshape(-1).view(np.uint8))
-        start = self.nbytes
-        copied = 0
         if source is not None:
-            copied = _copy_file_range(source, self.file.fileno(),
-                                      lambda n: self._digest.grew(start + n))
-        _write_all(self.file, view[copied:])
-        self._digest.grew(self.nbytes + data.nbytes)
+            self.jobs.append(self._disk.submit(_copy_region, source, self.fd, self.nbytes))
+            self._digest.add(source.fd, source.offset, source.nbytes)
+        else:
+            _pwrite_all(self.fd, memoryview(data.reshape(-1).view(np.uint8)), self.nbytes)
+            self._digest.add(self.read_fd, self.nbytes, data.nbytes)
         record = TensorRecord(
             name=name,
             shape=tuple(int(d) for d in data.shape),
@@ -110,56 +116,50 @@ class _ShardWriter:
         )
         return record
 
-    def close(self) -> tuple[dict, Future, Future]:
-        """The shard's record (md5sum still to fill in), the future of its sync and the future
-        of its md5. The sync starts at once on the disk thread, so the write-back overlaps the
-        rest of the conversion (where a sync after it would wait for all of it) and a published
-        directory survives a crash. The md5 is read back from the file (in the page cache) as
-        it grows, beside other shards' (md5_lanes)."""
-        synced = self._disk.submit(_sync_and_close, self.file)
-        digest = self._digest.finish(self.nbytes)
+    def close(self) -> tuple[dict, Future]:
+        """The shard's record (md5sum still to fill in) and the future of its md5. Its sync
+        starts on the disk thread once its copies are done, so the write-back overlaps the rest
+        of the conversion (where a sync after it would wait for all of it) and a published
+        directory survives a crash; `jobs` ends with it."""
+        self.jobs.append(self._disk.submit(os.fdatasync, self.fd))
         record = {"dataPath": self.name, "format": "raw-shard", "nbytes": self.nbytes,
                   "records": self.records, "md5sum": None}
-        return record, synced, digest
+        return record, self._digest.finish()
 
-    def abandon(self) -> None:
-        self.file.close()  # its md5 stops with the hasher's close(cancel=True)
-
-
-def _sync_and_close(file) -> None:
-    try:
-        os.fdatasync(file.fileno())
-    finally:
-        file.close()
+    def release(self) -> None:
+        """Close its files, once its jobs and md5 are done or cancelled."""
+        os.close(self.fd)
+        os.close(self.read_fd)
 
 
-# bytes per copy_file_range call: the md5 of the shard follows the copy (md5_lanes reads what
-# has been written), where one call for a whole vocab projection would leave it all to the end
-_COPY_PIECE = 32 * 1024 * 1024
-
-
-def _copy_file_range(source, fd_out: int, copied: Callable[[int], None]) -> int:
-    """Bytes of `source` (fd, offset, nbytes) copied to fd_out at its position; fewer (down to
-    0) where the kernel or file system cannot (the caller writes the rest). copied(n) after
-    each piece, with the bytes copied so far."""
+def _copy_region(source, fd_out: int, offset_out: int) -> None:
+    """Bytes of `source` (fd, offset, nbytes) to fd_out at offset_out: copy_file_range where
+    the kernel and file system can (EXDEV, ENOSYS, EINVAL...: what was copied stays), the rest
+    through a mapped window."""
     copy = getattr(os, "copy_file_range", None)
     done = 0
     try:
         while copy is not None and done < source.nbytes:
-            n = copy(source.fd, fd_out, min(_COPY_PIECE, source.nbytes - done), source.offset + done)
+            n = copy(source.fd, fd_out, source.nbytes - done, source.offset + done, offset_out + done)
             if n == 0:
                 break
             done += n
-            copied(done)
     except OSError:
-        pass  # EXDEV, ENOSYS, EINVAL...: what was copied stays, the rest is written
-    return done
+        pass
+    for start in range(done, source.nbytes, _PIECE):
+        piece = map_file_region(source.fd, source.offset + start, min(_PIECE, source.nbytes - start))
+        _pwrite_all(fd_out, memoryview(piece), offset_out + start)
 
 
-def _write_all(file, view: memoryview) -> None:
-    """An unbuffered write may take fewer bytes than given (Linux: at most 2 GiB per call)."""
+# bytes per mapped window where a copy goes through this process
+_PIECE = 32 * 1024 * 1024
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """A write may take fewer bytes than given (Linux: at most 2 GiB per call)."""
     while len(view):
-        view = view[file.write(view):]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def write_tensor_cache(
@@ -173,16 +173,19 @@ def write_tensor_cache(
 
     tensors: (name, array) or (name, array, source): source, where not None, is a region of an
     open file (fd, offset, nbytes, such as checkpoint.FileRegion) holding exactly the array's
-    bytes, copied file to file. source_param_count: parameters of the unquantized model, for BitsPerParam (defaults to
-    the stored element count). progress receives the bytes of each tensor once written.
+    bytes, copied file to file; the file must stay open until this returns. source_param_count:
+    parameters of the unquantized model, for BitsPerParam (defaults to the stored element
+    count). progress receives the bytes of each tensor once handed over (its copy may still be
+    under way); this returns once every shard is copied, synced and hashed.
     """
     out_dir = Path(out_dir)
-    closed: list[tuple[dict, Future, Future]] = []
+    shards: list[_ShardWriter] = []
+    closed: list[tuple[dict, Future]] = []
     tensors_out: list[TensorRecord] = []
     stored_elements = 0
     shard: _ShardWriter | None = None
-    # shards' data synced to disk in the order they close (I/O: one thread is enough)
-    disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdatasync")
+    # copies and syncs, in order (I/O: one thread is enough)
+    disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-io")
     hasher = file_hasher()
     failed = True
     try:
@@ -192,6 +195,7 @@ def write_tensor_cache(
                 shard = None
             if shard is None:
                 shard = _ShardWriter(out_dir, len(closed), disk, hasher)
+                shards.append(shard)
             tensors_out.append(shard.append(name, array, source[0] if source else None))
             stored_elements += array.size
             if progress is not None:
@@ -199,18 +203,18 @@ def write_tensor_cache(
             del array
         if shard is not None:
             closed.append(shard.close())
-            shard = None
-        for record, synced, digest in closed:
-            synced.result()
+        for writer, (record, digest) in zip(shards, closed):
+            for job in writer.jobs:
+                job.result()
             record["md5sum"] = digest.result()
         failed = False
     finally:
-        if shard is not None:
-            shard.abandon()
-        # on failure: stop hashing, and let the syncs finish (they close the files)
+        # on failure: stop hashing, drop the copies not started, wait for the rest
         hasher.close(cancel=failed)
-        disk.shutdown(wait=True)
-    shard_records = [record for record, _, _ in closed]
+        disk.shutdown(wait=True, cancel_futures=failed)
+        for writer in shards:
+            writer.release()
+    shard_records = [record for record, _ in closed]
 
     param_bytes = sum(s["nbytes"] for s in shard_records)
     param_count = source_param_count or stored_elements

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -461,20 +462,25 @@ def test_copy_falls_back_to_writing_where_the_kernel_cannot(make_example, tmp_pa
     check_integrity(tmp_path / "partial")
 
 
-def test_unbuffered_writes_are_completed():
-    """A raw write may take fewer bytes than given (Linux caps one call at 2 GiB)."""
-    from medusa_cli.tensor_cache import _write_all
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    """A write may take fewer bytes than given (Linux caps one call at 2 GiB)."""
+    from medusa_cli import tensor_cache
 
-    class Trickle:
-        def __init__(self):
-            self.data = bytearray()
+    real = os.pwrite
+    calls = []
 
-        def write(self, view):
-            taken = bytes(view[:7])
-            self.data += taken
-            return len(taken)
+    def trickle(fd, view, offset):
+        calls.append(offset)
+        return real(fd, bytes(view[:7]), offset)
 
-    sink = Trickle()
+    monkeypatch.setattr(tensor_cache.os, "pwrite", trickle)
     payload = bytes(range(256)) * 3
-    _write_all(sink, memoryview(payload))
-    assert bytes(sink.data) == payload
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"x" * 5)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        tensor_cache._pwrite_all(fd, memoryview(payload), 5)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 5 + payload
+    assert len(calls) == -(-len(payload) // 7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 
@@ -45,39 +46,44 @@ def test_lanes_match_hashlib_on_every_length(tmp_path, kernel):
     assert md5_lanes.md5_files(paths) == [_hashlib(p) for p in paths]
 
 
-def test_growing_file_is_hashed_as_written(tmp_path, kernel):
-    """Bytes reported a few at a time, at odd offsets, with a waiting lane beside busy ones."""
+def test_message_given_region_by_region(tmp_path, kernel):
+    """Regions of a file written as it goes and of an array, at odd offsets and sizes (blocks
+    straddle regions, some empty), reported over time beside whole files in other lanes."""
     rng = np.random.default_rng(1)
-    data = rng.integers(0, 256, 3 * 1024 * 1024 + 77, dtype=np.uint8).tobytes()
+    data = rng.integers(0, 256, 3 * 1024 * 1024 + 77, dtype=np.uint8)
+    extra = rng.integers(0, 256, 5000, dtype=np.uint8)
     others = _files(tmp_path, [5000, 70000, 1 << 20], seed=2)
     growing = tmp_path / "growing.bin"
     hasher = md5_lanes.LaneHasher(kernel)
+    expected = b""
     try:
-        with open(growing, "wb", buffering=0) as f:
-            handle = hasher.open(growing)
+        with open(growing, "w+b", buffering=0) as f:  # the hasher reads through the fd
+            handle = hasher.open()
             done = [hasher.submit(others[0])]
             written = 0
-            for size in (1, 63, 64, 1000, 65536 + 3, 1 << 20, len(data)):
-                f.write(data[written:size])
+            for size in (1, 63, 64, 64, 1000, 65536 + 3, 1 << 20, len(data)):
+                f.write(data[written:size].tobytes())
+                handle.add(f.fileno(), written, size - written)
+                expected += data[written:size].tobytes()
+                handle.add(extra, 7, 33)  # and 33 bytes of an array after each
+                expected += extra[7:40].tobytes()
                 written = size
-                handle.grew(written)
                 if size == 1000:
                     done += [hasher.submit(p) for p in others[1:]]
-            digest = handle.finish(written)
-        assert digest.result(timeout=60) == hashlib.md5(data).hexdigest()
+            digest = handle.finish()
+            assert digest.result(timeout=60) == hashlib.md5(expected).hexdigest()
         assert [d.result(timeout=60) for d in done] == [_hashlib(p) for p in others]
     finally:
         hasher.close()
 
 
-def test_cancel_fails_a_file_left_unfinished(tmp_path, kernel):
-    path = _files(tmp_path, [100])[0]
+def test_cancel_fails_a_message_left_unfinished(kernel):
     hasher = md5_lanes.LaneHasher(kernel)
-    handle = hasher.open(path)
-    handle.grew(64)
+    handle = hasher.open()
+    handle.add(np.zeros(100, dtype=np.uint8), 0, 100)
     hasher.close(cancel=True)
     with pytest.raises(RuntimeError, match="cancelled"):
-        handle.finish(100).result(timeout=10)
+        handle.finish().result(timeout=10)
 
 
 def test_missing_file_is_an_error_naming_it(tmp_path, kernel):
@@ -100,10 +106,9 @@ def test_hashlib_fallback_gives_the_same_digests(tmp_path, monkeypatch):
 
 
 def test_a_kernel_that_disagrees_with_hashlib_is_not_used(kernel):
-    def off_by_one(state, table, blocks, *data):
+    def off_by_one(state, table, blocks, *data):  # addresses, as the kernel takes them
         kernel.function(state, table, blocks, *data)
-        np.ctypeslib.as_array(
-            (np.ctypeslib.ctypes.c_uint32 * 1).from_address(state.value))[0] ^= 1
+        (ctypes.c_uint32 * 1).from_address(state)[0] ^= 1
 
     assert md5_lanes._checked(kernel) is kernel
     assert md5_lanes._checked(md5_lanes._Kernel(off_by_one, kernel.lanes)) is None
