@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import map_file_region
 from .config import TENSOR_CACHE_FILE
 from .errors import ParamsError
-from .checkpoint import map_file_region
 from .md5_lanes import file_hasher, md5_files
 from .quant import NUMPY_DTYPES
 

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from medusa_cli import checkpoint as ckpt_mod
 from medusa_cli import md5_lanes, tensor_cache
 
 # every padding case, a file longer than one call's blocks, and more files than lanes
@@ -116,16 +117,31 @@ def test_a_kernel_that_disagrees_with_hashlib_is_not_used(kernel):
 
 @pytest.mark.parametrize("method", ["lanes", "hashlib"])
 def test_written_shards_record_their_md5(tmp_path, monkeypatch, method):
-    """write_tensor_cache's md5sum of each shard is hashlib's md5 of the file on disk."""
+    """write_tensor_cache's md5sum of each shard is hashlib's md5 of the file on disk, for
+    tensors written from memory and tensors copied from a source file (hashed from the source,
+    while the copy goes on), mixed in one shard."""
     if method == "hashlib":
         monkeypatch.setenv("MEDUSA_MD5", "hashlib")
         monkeypatch.setattr(md5_lanes, "_loaded", {})
     rng = np.random.default_rng(3)
-    sizes = [10, 4096, 333, 70000, 1, 250000, 17, 9999]
-    tensors = [(f"t{i}", rng.standard_normal(n).astype(np.float16)) for i, n in enumerate(sizes)]
-    cache = tensor_cache.write_tensor_cache(tmp_path, iter(tensors), shard_cap_bytes=200_000)
-    manifest = json.loads((tmp_path / "tensor-cache.json").read_text())
+    sizes = [10, 4096, 333, 70000, 1, 250000, 17, 9999, 40000]
+    arrays = [rng.standard_normal(n).astype(np.float16) for n in sizes]
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"header" + b"".join(a.tobytes() for a in arrays))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(source, "rb") as f:
+        offset, tensors = 6, []
+        for i, array in enumerate(arrays):
+            region = ckpt_mod.FileRegion(f.fileno(), offset, array.nbytes)
+            tensors.append((f"t{i}", array, region) if i % 3 else (f"t{i}", array))
+            offset += array.nbytes
+        cache = tensor_cache.write_tensor_cache(out, iter(tensors), shard_cap_bytes=200_000)
+    manifest = json.loads((out / "tensor-cache.json").read_text())
     assert len(manifest["records"]) >= 3
     for shard in manifest["records"]:
-        assert shard["md5sum"] == _hashlib(tmp_path / shard["dataPath"])
+        assert shard["md5sum"] == _hashlib(out / shard["dataPath"])
     assert [s["md5sum"] for s in cache.shards] == [s["md5sum"] for s in manifest["records"]]
+    for record in cache.tensors:
+        stored = tensor_cache.load_array(out, record)
+        assert stored.tobytes() == arrays[int(record.name[1:])].tobytes()
