@@ -259,19 +259,30 @@ def load_kernel(lanes: int = LANES) -> _Kernel | None:
 def _load_checked(lanes: int) -> _Kernel | None:
     if os.environ.get("MEDUSA_MD5") == "hashlib":
         return None
+    path = library_path(lanes)
     try:
-        path = library_path(lanes)
-        if not path.is_file():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                build_library(path, lanes)
-            except OSError:
-                # cache not writable: a private copy, unlinked once loaded
-                with tempfile.TemporaryDirectory(prefix="medusa-md5-") as tmp:
-                    function = _c_function(build_library(Path(tmp) / path.name, lanes), lanes)
-                    return _checked(_Kernel(function, lanes))
+        if path.is_file():
+            kernel = _load_file(path, lanes)
+            if kernel is not None:
+                return kernel
+            path.unlink(missing_ok=True)  # a truncated or wrong cached build: build it again
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build_library(path, lanes)
+        except OSError:
+            # cache not writable: a private copy, unlinked once loaded
+            with tempfile.TemporaryDirectory(prefix="medusa-md5-") as tmp:
+                return _load_file(build_library(Path(tmp) / path.name, lanes), lanes)
+        return _load_file(path, lanes)
+    except Exception:  # no compiler, a TVM without LLVM: use hashlib
+        return None
+
+
+def _load_file(path: Path, lanes: int) -> _Kernel | None:
+    """The checked kernel from a built library; None where it does not load or check."""
+    try:
         return _checked(_Kernel(_c_function(path, lanes), lanes))
-    except Exception:  # no compiler, a TVM without LLVM, a broken cache file: use hashlib
+    except (OSError, AttributeError):  # not a loadable library, or no md5_lanes in it
         return None
 
 

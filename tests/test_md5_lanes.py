@@ -106,6 +106,18 @@ def test_hashlib_fallback_gives_the_same_digests(tmp_path, monkeypatch):
     assert md5_lanes.md5_files(paths) == [_hashlib(p) for p in paths]
 
 
+def test_a_broken_cached_build_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(md5_lanes, "_loaded", {})
+    path = md5_lanes.library_path()
+    path.write_bytes(b"\x7fELF truncated")
+    kernel = md5_lanes.load_kernel()
+    assert kernel is not None
+    assert path.stat().st_size > 1000
+    paths = _files(tmp_path, [0, 100, 70000])
+    assert md5_lanes.md5_files(paths) == [_hashlib(p) for p in paths]
+
+
 def test_a_kernel_that_disagrees_with_hashlib_is_not_used(kernel):
     def off_by_one(state, table, blocks, *data):  # addresses, as the kernel takes them
         kernel.function(state, table, blocks, *data)
