@@ -151,6 +151,18 @@ def map_file_region(fd: int, offset: int, nbytes: int) -> np.ndarray:
     return np.frombuffer(region, dtype=np.uint8, count=nbytes, offset=offset - start)
 
 
+# bytes per window of mapped_windows: large enough that a call per window costs nothing, small
+# enough to bound the RSS
+MAP_WINDOW = 1 << 24
+
+
+def mapped_windows(fd: int, offset: int, nbytes: int, window: int = MAP_WINDOW) -> Iterator[np.ndarray]:
+    """Bytes [offset, offset + nbytes) of an open file as consecutive mapped uint8 windows of at
+    most `window` bytes, each unmapped once the caller drops it (a bounded RSS for one pass)."""
+    for start in range(0, nbytes, window):
+        yield map_file_region(fd, offset + start, min(window, nbytes - start))
+
+
 class _SafetensorsFile:
     """A safetensors file read one tensor at a time, each mapped only while it is in use.
 

@@ -19,20 +19,18 @@ from .atomic import check_output_dir, staged_directory
 from .checkpoint import (
     Checkpoint,
     FileRegion,
-    map_file_region,
     HeadPlan,
     check_mixed_layouts,
     detect_layout,
     get_layout,
     iter_head_tensors,
+    mapped_windows,
     plan_heads,
     read_config_hints,
 )
 from .config import CONFIG_FILE, MedusaConfig, PackedConfig
 from .errors import CheckpointError, InputError
 from .tensor_cache import write_tensor_cache
-
-_HASH_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass
@@ -158,11 +156,10 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
     windows of the file: no copies into Python buffers, and a bounded RSS."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for start in range(0, size, _HASH_CHUNK):
+        for window in mapped_windows(f.fileno(), 0, os.fstat(f.fileno()).st_size):
             if stop is not None and stop.is_set():
                 return None
-            digest.update(map_file_region(f.fileno(), start, min(_HASH_CHUNK, size - start)))
+            digest.update(window)
     return digest.hexdigest()
 
 

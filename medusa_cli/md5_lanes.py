@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import map_file_region
+from .checkpoint import map_file_region, mapped_windows
 
 LANES = 8
 # bump when the kernel's code or calling convention changes: the cache key includes it
@@ -568,11 +568,8 @@ class LaneHasher:
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _regions_md5([(f.fileno(), 0, os.fstat(f.fileno()).st_size)])
 
 
 class ThreadHasher:
@@ -608,8 +605,11 @@ class _Regions:
 def _regions_md5(regions: list[tuple[int | np.ndarray, int, int]]) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     for source, offset, nbytes in regions:
-        for start in range(0, nbytes, _CALL_BLOCKS * 64):
-            digest.update(_region_bytes(source, offset + start, min(_CALL_BLOCKS * 64, nbytes - start)))
+        if isinstance(source, np.ndarray):
+            digest.update(source[offset:offset + nbytes])
+        else:
+            for window in mapped_windows(source, offset, nbytes):
+                digest.update(window)
     return digest.hexdigest()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import map_file_region
+from .checkpoint import mapped_windows
 from .config import TENSOR_CACHE_FILE
 from .errors import ParamsError
 from .md5_lanes import file_hasher, md5_files
@@ -146,13 +146,9 @@ def _copy_region(source, fd_out: int, offset_out: int) -> None:
             done += n
     except OSError:
         pass
-    for start in range(done, source.nbytes, _PIECE):
-        piece = map_file_region(source.fd, source.offset + start, min(_PIECE, source.nbytes - start))
-        _pwrite_all(fd_out, memoryview(piece), offset_out + start)
-
-
-# bytes per mapped window where a copy goes through this process
-_PIECE = 32 * 1024 * 1024
+    for window in mapped_windows(source.fd, source.offset + done, source.nbytes - done):
+        _pwrite_all(fd_out, memoryview(window), offset_out + done)
+        done += len(window)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
