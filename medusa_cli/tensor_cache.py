@@ -79,6 +79,8 @@ class _ShardWriter:
         self.nbytes = 0
         self.records: list[dict] = []
         self.jobs: list[Future] = []  # copies, then the sync, on the disk thread
+        self.record: dict | None = None  # set by close()
+        self.digest: Future | None = None  # of the md5, set by close()
         self._disk = disk
         self._digest = hasher.open()
 
@@ -116,15 +118,15 @@ class _ShardWriter:
         )
         return record
 
-    def close(self) -> tuple[dict, Future]:
-        """The shard's record (md5sum still to fill in) and the future of its md5. Its sync
+    def close(self) -> None:
+        """Sets `record` (md5sum still to fill in) and `digest`, the future of its md5. Its sync
         starts on the disk thread once its copies are done, so the write-back overlaps the rest
         of the conversion (where a sync after it would wait for all of it) and a published
         directory survives a crash; `jobs` ends with it."""
         self.jobs.append(self._disk.submit(os.fdatasync, self.fd))
         record = {"dataPath": self.name, "format": "raw-shard", "nbytes": self.nbytes,
                   "records": self.records, "md5sum": None}
-        return record, self._digest.finish()
+        self.record, self.digest = record, self._digest.finish()
 
     def release(self) -> None:
         """Close its files, once its jobs and md5 are done or cancelled."""
@@ -175,8 +177,7 @@ def write_tensor_cache(
     under way); this returns once every shard is copied, synced and hashed.
     """
     out_dir = Path(out_dir)
-    shards: list[_ShardWriter] = []
-    closed: list[tuple[dict, Future]] = []
+    shards: list[_ShardWriter] = []  # the last one open, the others closed
     tensors_out: list[TensorRecord] = []
     stored_elements = 0
     shard: _ShardWriter | None = None
@@ -187,10 +188,10 @@ def write_tensor_cache(
     try:
         for name, array, *source in tensors:
             if shard is not None and shard.nbytes and shard.nbytes + array.nbytes > shard_cap_bytes:
-                closed.append(shard.close())
+                shard.close()
                 shard = None
             if shard is None:
-                shard = _ShardWriter(out_dir, len(closed), disk, hasher)
+                shard = _ShardWriter(out_dir, len(shards), disk, hasher)
                 shards.append(shard)
             tensors_out.append(shard.append(name, array, source[0] if source else None))
             stored_elements += array.size
@@ -198,11 +199,11 @@ def write_tensor_cache(
                 progress(array.nbytes)
             del array
         if shard is not None:
-            closed.append(shard.close())
-        for writer, (record, digest) in zip(shards, closed):
+            shard.close()
+        for writer in shards:
             for job in writer.jobs:
                 job.result()
-            record["md5sum"] = digest.result()
+            writer.record["md5sum"] = writer.digest.result()
         failed = False
     finally:
         # on failure: stop hashing, drop the copies not started, wait for the rest
@@ -210,7 +211,7 @@ def write_tensor_cache(
         disk.shutdown(wait=True, cancel_futures=failed)
         for writer in shards:
             writer.release()
-    shard_records = [record for record, _ in closed]
+    shard_records = [writer.record for writer in shards]
 
     param_bytes = sum(s["nbytes"] for s in shard_records)
     param_count = source_param_count or stored_elements
