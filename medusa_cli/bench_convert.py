@@ -94,7 +94,11 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
     # One untimed conversion: it builds md5_lanes' kernel into the cache where a first run
     # would (once per machine), and gives the shards for the hashing floor.
     _convert_child(ckpt, params, quantization)
-    hashing = hash_floor(weights, sorted(params.glob("params_shard_*.bin")))
+    shards = sorted(params.glob("params_shard_*.bin"))
+    # convert writes its copies past the page cache: read the shards in first, as convert
+    # hashes from memory (the source's pages, for tensors it copies)
+    subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
+    hashing = hash_floor(weights, shards)
     _drop_copy(params)
 
     # cp and convert alternate, each timed until its output is on disk (sync), and each round
