@@ -256,33 +256,38 @@ def convert_checkpoint(
         stack.callback(stop_hashing.set)
         digests = {p: hasher.submit(sha256_file, p, stop_hashing) for p in source_files}
 
-        with staged_directory(output) as stage:
-            staging = stage.path
-            if progress is not None:
-                progress(0, total_bytes)
-            cache = write_tensor_cache(
-                staging,
-                _converted_stream(plan, ckpt, lm_head_ckpt, scheme, request.allow_nonfinite,
-                                  total_bytes, progress),
-                source_param_count=plan.param_count(),
-            )
-            provenance = {
-                "path": str(Path(request.source).resolve()),
-                "layout": plan.layout.name,
-                "source_dtype": str(plan.source_dtype),
-                "files": {
-                    str(p.resolve()): {"sha256": digests[p].result(), "bytes": p.stat().st_size}
-                    for p in source_files
-                },
-                "head_tensors": len(plan.head_tensor_names()) + plan.num_heads,
-                "ignored_tensors": plan.ignored,
-                "config_json": str(config_path.resolve()) if config_path else None,
-                "config_disagreements": [dataclasses.asdict(d) for d in disagreements],
-                "base_model_name_or_path": hints.get("base_model_name_or_path"),
-            }
-            packed = PackedConfig(model=config, quantization=scheme.name, source=provenance)
-            (staging / CONFIG_FILE).write_text(packed.to_json())
-            stage.publish()
+        try:
+            with staged_directory(output) as stage:
+                staging = stage.path
+                if progress is not None:
+                    progress(0, total_bytes)
+                cache = write_tensor_cache(
+                    staging,
+                    _converted_stream(plan, ckpt, lm_head_ckpt, scheme, request.allow_nonfinite,
+                                      total_bytes, progress),
+                    source_param_count=plan.param_count(),
+                )
+                provenance = {
+                    "path": str(Path(request.source).resolve()),
+                    "layout": plan.layout.name,
+                    "source_dtype": str(plan.source_dtype),
+                    "files": {
+                        str(p.resolve()): {"sha256": digests[p].result(), "bytes": p.stat().st_size}
+                        for p in source_files
+                    },
+                    "head_tensors": len(plan.head_tensor_names()) + plan.num_heads,
+                    "ignored_tensors": plan.ignored,
+                    "config_json": str(config_path.resolve()) if config_path else None,
+                    "config_disagreements": [dataclasses.asdict(d) for d in disagreements],
+                    "base_model_name_or_path": hints.get("base_model_name_or_path"),
+                }
+                packed = PackedConfig(model=config, quantization=scheme.name, source=provenance)
+                (staging / CONFIG_FILE).write_text(packed.to_json())
+                stage.publish()
+        except OSError as exc:  # a full disk, a source file cut short...: no traceback
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise InputError(f"-o {output}: writing failed: {exc.strerror or exc}{where}; "
+                             "nothing was written") from None
 
     return ConvertResult(
         output=output,

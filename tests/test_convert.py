@@ -353,6 +353,27 @@ def test_failure_with_force_keeps_the_old_output(make_example, tmp_path, monkeyp
     assert leftovers(tmp_path) == []
 
 
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(make_example, tmp_path, monkeypatch):
+    """An OSError while writing the shards (here ENOSPC from a copy on the disk pool) names
+    the output and the system's reason, without a traceback, and removes the staging dir."""
+    import errno
+
+    from medusa_cli import tensor_cache
+
+    example = make_example(layout="medusa1", dtype="float16", file_format="safetensors")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tensor_cache, "_copy_region", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as failure:
+        _convert(example.output, out)
+    assert str(failure.value) == (f"-o {out}: writing failed: No space left on device; "
+                                  "nothing was written")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_progress_reports_bytes(make_example, tmp_path):
     example = make_example(layout="medusa1", file_format="safetensors")
     seen = []
