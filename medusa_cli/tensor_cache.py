@@ -253,13 +253,7 @@ def _direct_copy(fd_in: int, offset_in: int, nbytes: int, direct_fd: int, offset
     with bounce.take() as buffer:
         while done < nbytes:
             want = min(len(buffer), nbytes - done)
-            got = 0
-            while got < want:
-                n = os.preadv(fd_in, [buffer[got:want]], offset_in + done + got)
-                if n == 0:
-                    raise OSError(errno.EIO, f"source file ended at byte {offset_in + done + got}, "
-                                  "inside a tensor; was it truncated during the conversion?")
-                got += n
+            _pread_exact(fd_in, buffer[:want], offset_in + done)
             try:
                 wrote = os.pwritev(direct_fd, [buffer[:want]], offset_out + done)
             except OSError as exc:
@@ -279,6 +273,17 @@ def _sync_after(copies: list[Future], fd: int) -> None:
     wait(copies)
     if all(not c.cancelled() and c.exception() is None for c in copies):
         os.fdatasync(fd)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from fd at offset; a file that ends first is an error that says so."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise OSError(errno.EIO, f"source file ended at byte {offset + got}, inside a tensor; "
+                          "was it truncated during the conversion?")
+        got += n
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
