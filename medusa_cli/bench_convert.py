@@ -71,6 +71,10 @@ def _convert_child(ckpt: Path, params: Path, quantization: str | None) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def _read_into_cache(paths: list[Path]) -> None:
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+
+
 def _drop_copy(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -89,7 +93,7 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
     largest = c.vocab_size * c.hidden_size * itemsize
 
     # Warm the page cache once so neither side pays the first read.
-    subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)
+    _read_into_cache(weights)
     copy_dir, params = workdir / "copy", workdir / "params"
     # One untimed conversion: it builds md5_lanes' kernel into the cache where a first run
     # would (once per machine), and gives the shards for the hashing floor.
@@ -97,7 +101,7 @@ def run_benchmark(preset: str, dtype: str, layout: str, workdir: Path, quantizat
     shards = sorted(params.glob("params_shard_*.bin"))
     # convert writes its copies past the page cache: read the shards in first, as convert
     # hashes from memory (the source's pages, for tensors it copies)
-    subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
+    _read_into_cache(shards)
     hashing = hash_floor(weights, shards)
     _drop_copy(params)
 
