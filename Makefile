@@ -33,15 +33,15 @@ test-all: setup
 
 # Benchmarks at the vicuna-7b shape, written to BENCHMARKS.md; see README "Measurements".
 bench: setup
-	$(BIN)/python -m medusa_cli.bench_suite --preset vicuna-7b --output BENCHMARKS.md
+	$(BIN)/python tools/bench_suite.py --preset vicuna-7b --output BENCHMARKS.md
 
 # For a GPU machine without TVM's compiler or a network (the device machines lent here): the
 # heads compiled for GPU_ARCH, TVM's runtime and tvm-ffi's wheel for Python 3.12, in .gpu/.
-# There, `python3 -m medusa_cli.gpu_bundle run --output OUT` verifies and benches them on the
-# GPU (OUT/BENCHMARKS-GPU.md; see medusa_cli/gpu_bundle.py).
+# There, `python3 tools/gpu_bundle.py run --output OUT` verifies and benches them on the
+# GPU (OUT/BENCHMARKS-GPU.md; see tools/gpu_bundle.py).
 GPU_ARCH ?= sm_90
 gpu-bundle: setup
-	$(BIN)/python -m medusa_cli.gpu_bundle build --target cuda --arch $(GPU_ARCH) --bundle .gpu
+	$(BIN)/python tools/gpu_bundle.py build --target cuda --arch $(GPU_ARCH) --bundle .gpu
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .gpu/wheels \

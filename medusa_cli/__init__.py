@@ -16,23 +16,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _API = {
-    "convert_checkpoint": "convert",
-    "ConvertRequest": "convert",
-    "compile_heads": "compile",
-    "CompileRequest": "compile",
-    "load_heads": "runtime",
-    "CompiledHeads": "runtime",
-    "verify_heads": "verify",
-    "VerifyRequest": "verify",
-    "VerifyReport": "verify",
-    "run_heads": "run",
-    "RunRequest": "run",
-    "build_heads": "build",
-    "BuildRequest": "build",
+    "convert_checkpoint": "commands.convert",
+    "ConvertRequest": "commands.convert",
+    "compile_heads": "commands.compile",
+    "CompileRequest": "commands.compile",
+    "verify_heads": "commands.verify",
+    "VerifyRequest": "commands.verify",
+    "VerifyReport": "verify.report",
+    "run_heads": "commands.run",
+    "RunRequest": "commands.run",
+    "build_heads": "commands.build",
+    "BuildRequest": "commands.build",
+    "load_heads": "runtime.heads",
+    "CompiledHeads": "runtime.heads",
+    "MedusaConfig": "spec",
     "MedusaError": "errors",
     "VerificationFailed": "errors",
 }

@@ -1,13 +1,17 @@
 """The `medusa` command: a thin layer over the library. Only this module prints or exits.
 
-Humans read stderr (rich tables, progress, warnings); with --json, stdout carries exactly
-one JSON object. Exit codes: 0 success, 1 verification failed, 2 usage or input error.
+Each command parses its flags into a request, makes one call into medusa_cli.commands and renders
+the result. Humans read stderr (rich tables, progress, warnings); with --json, stdout carries
+exactly one JSON object. Exit codes: 0 success, 1 verification failed, 2 usage or input error,
+130 interrupted (Ctrl-C), 128 + N for termination by signal N (SIGTERM 143, SIGHUP 129): every
+interruption removes partial outputs first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +30,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
-from .errors import InputError, MedusaError, VerificationFailed
+from ._version import __version__
+from .errors import InputError, MedusaError
+from .spec import DEFAULT_MAX_BATCH_SIZE
 
 app = typer.Typer(
     name="medusa",
@@ -56,20 +61,55 @@ def main(
     """Convert, compile and verify Medusa heads. Run `medusa COMMAND --help` for examples."""
 
 
+def _say(label: str, style: str, text: str) -> None:
+    """One message on stderr, whole: soft_wrap leaves wrapping to the terminal, so rich never
+    folds or crops a long path (a word wider than the console) and no word is lost. Escaped:
+    messages show shapes such as [batch, 64], which rich would take for markup."""
+    err.print(f"[{style}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _warn(text: str) -> None:
+    _say("warning", "yellow", text)
+
+
+class _Terminated(KeyboardInterrupt):
+    """A termination signal, raised where the main thread is so every `finally` (staging
+    directories, partial files) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated(signum)
+
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _handle_errors(verbose: bool) -> Iterator[None]:
-    """Library errors become one red line on stderr and the error's exit code."""
+    """Library errors become one red line on stderr and the error's exit code; SIGTERM and
+    SIGHUP clean up like Ctrl-C."""
+    previous = {}
+    for signum in _SIGNALS:
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            previous[signum] = signal.signal(signum, _raise_terminated)
     try:
         yield
     except MedusaError as exc:
         if verbose:
             err.print_exception()
-        # escaped: messages show shapes such as [batch, 64], which rich would take for markup
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _say("error", "bold red", str(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing was written")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
+        _say("interrupted", "bold red", f"{signal.Signals(signum).name}; nothing was written")
+        raise typer.Exit(128 + signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _emit_json(data: dict[str, Any]) -> None:
@@ -87,7 +127,11 @@ def _human_bytes(n: float) -> str:
 
 @contextlib.contextmanager
 def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar in bytes on stderr; yields update(done, total)."""
+    """A rich progress bar in bytes on stderr, where stderr is a terminal (a CI log gets no
+    bar and no blank lines); yields update(done, total)."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -103,6 +147,22 @@ def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+class _NoStatus:
+    def update(self, text: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _status(text: str) -> Iterator:
+    """A spinner with `text` on stderr where it is a terminal; yields an object whose
+    update(text) changes it."""
+    if not err.is_terminal:
+        yield _NoStatus()
+        return
+    with err.status(text, spinner="dots") as status:
+        yield status
 
 
 def _key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
@@ -139,7 +199,7 @@ def example(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Write a seeded synthetic Medusa checkpoint in a published layout (no download needed)."""
-    from .example import ExampleRequest, write_example
+    from .commands.example import ExampleRequest, write_example
 
     with _handle_errors(verbose):
         result = write_example(ExampleRequest(
@@ -170,14 +230,15 @@ def example(
 )
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint (file or directory), a packed directory or a compiled library."),
+    load: bool = typer.Option(False, "--load", help="Load a library that holds no medusa-cli metadata (built by MLC-LLM, say) to ask its _metadata function; loading runs its code, so only for libraries you trust."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Show the layout, heads, shapes, dtype and size of a checkpoint, packed directory or library."""
-    from .inspection import inspect_path
+    from .commands.inspect import inspect_path
 
     with _handle_errors(verbose):
-        report = inspect_path(path)
+        report = inspect_path(path, load=load)
     if json_out:
         _emit_json(report.to_dict())
         return
@@ -199,7 +260,7 @@ def inspect(
     rows.append(("files", "\n".join(report.files) or "-"))
     err.print(_key_value_table(str(report.path), rows))
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        _warn(warning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,14 +283,14 @@ def convert(
     layout: str = typer.Option("auto", help="auto, medusa1, medusa2, trtllm, vllm or mlc."),
     num_heads: Optional[int] = typer.Option(None, help="Keep only the first N heads."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
-    max_batch_size: int = typer.Option(1, help="Recorded in the config (MLC-LLM's max_batch_size)."),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the compiled library accepts: mlc-chat-config.json's max_batch_size, which `medusa compile` builds for and MLC-LLM's engine caps its batch at."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the weights."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT directory."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Convert a Medusa checkpoint (any published layout) into a packed parameter directory."""
-    from .convert import ConvertRequest, convert_checkpoint
+    from .commands.convert import ConvertRequest, convert_checkpoint
 
     request = ConvertRequest(
         source=source, output=output, dtype=dtype, quantization=quantization, layout=layout,
@@ -239,7 +300,7 @@ def convert(
     with _handle_errors(verbose), _byte_progress("converting") as update:
         result = convert_checkpoint(request, progress=update)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        _warn(warning)
     if json_out:
         _emit_json(result.to_dict())
         return
@@ -273,7 +334,7 @@ def tree(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Build the Medusa tree buffers (attention mask, tree/retrieve indices, position ids)."""
-    from .tree import build_buffers, describe, load_tree
+    from .trees import build_buffers, describe, load_tree
 
     with _handle_errors(verbose):
         medusa_tree = load_tree(choices, topk=topk, num_heads=num_heads)
@@ -317,7 +378,7 @@ def compile_command(
     target: str = typer.Option("llvm", help="llvm, cpu (this CPU's features), cuda, rocm, vulkan, metal, opencl, webgpu, auto, or a TVM target JSON dict."),
     arch: Optional[str] = typer.Option(None, help="CUDA arch(es) such as sm_90 or sm_80,sm_90; ROCm arch such as gfx90a (default: the local GPU's)."),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Must match PARAMS_DIR's scheme (default: PARAMS_DIR's)."),
-    max_batch_size: int = typer.Option(8, help="Largest batch get_logits accepts; memory is planned for it."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch get_logits accepts (memory is planned for it); set by `medusa convert --max-batch-size` and read from PARAMS_DIR/mlc-chat-config.json; if given, it must equal that value."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Library to write: .so (default PARAMS_DIR/medusa-TARGET-QUANTIZATION.so), .tar (system library) or .wasm (webgpu)."),
     tree: Optional[str] = typer.Option(None, help="Also compile tree candidate generation for this tree (a shipped name or a JSON file of paths)."),
     topk: Optional[int] = typer.Option(None, help="Candidates per head for --tree (default 10)."),
@@ -325,22 +386,20 @@ def compile_command(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Compile the heads in a packed directory into a TVM library for a target."""
-    from .compile import CompileRequest, compile_heads
+    from .commands.compile import CompileRequest, compile_heads
 
     request = CompileRequest(
         params_dir=params_dir, target=target, arch=arch, quantization=quantization,
-        max_batch_size=max_batch_size, output=output, tree=tree,
+        max_batch_size=max_batch_size, output=output, tree=tree, topk=topk,
     )
-    if topk is not None:
-        request.topk = topk
-    with _handle_errors(verbose), err.status("compiling", spinner="dots"):
+    with _handle_errors(verbose), _status("compiling"):
         result = compile_heads(request)
     if json_out:
         _emit_json(result.to_dict())
         return
     err.print(
-        f"[green]compiled[/] {params_dir} -> {result.output}: {result.quantization}, target "
-        f"{result.metadata.get('target_name', target)}, max batch {max_batch_size}, "
+        f"[green]compiled[/] {params_dir} -> {result.output}: {result.metadata.quantization}, target "
+        f"{result.metadata.target_name}, max batch {result.metadata.max_batch_size}, "
         f"{_human_bytes(result.output.stat().st_size)} in {result.seconds:.1f} s",
         highlight=False,
     )
@@ -416,7 +475,7 @@ def verify(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Check a compiled library and its parameters against a float64 numpy oracle of the heads."""
-    from .verify import VerifyRequest, verify_heads
+    from .commands.verify import VerifyRequest, verify_heads
 
     request = VerifyRequest(
         library=library, params_dir=params_dir, source=source, lm_head=lm_head, device=device,
@@ -425,10 +484,10 @@ def verify(
         source_min_cosine=source_min_cosine, source_min_top1=source_min_top1,
     )
     with _handle_errors(verbose):
-        with err.status("verifying", spinner="dots"):
+        with _status("verifying"):
             report = verify_heads(request)
         for warning in report.warnings:
-            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+            _warn(warning)
         if json_out:
             _emit_json(report.to_dict())
         elif report.heads:
@@ -479,7 +538,7 @@ def run(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Run the compiled heads on hidden states and write their logits (and tree candidates)."""
-    from .run import RunRequest, run_heads
+    from .commands.run import RunRequest, run_heads
 
     request = RunRequest(library=library, params_dir=params_dir, inputs=inputs, output=output,
                          device=device, top_k=top_k, base_logits=base_logits)
@@ -521,7 +580,7 @@ def build(
     arch: Optional[str] = typer.Option(None, help="As for `medusa compile --arch`."),
     layout: str = typer.Option("auto", help="auto, medusa1, medusa2, trtllm, vllm or mlc."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
-    max_batch_size: int = typer.Option(8, help="Largest batch the library accepts."),
+    max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the library accepts."),
     batch: int = typer.Option(4, help="Rows of random hidden states the verification uses."),
     seed: int = typer.Option(0, help="Seed of those hidden states."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT."),
@@ -529,7 +588,7 @@ def build(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Convert, compile and verify in one command, with one JSON report (for CI)."""
-    from .build import BuildRequest, build_heads
+    from .commands.build import BuildRequest, build_heads
 
     request = BuildRequest(
         source=source, output=output, target=target, quantization=quantization, arch=arch,
@@ -537,10 +596,10 @@ def build(
         force=force,
     )
     with _handle_errors(verbose):
-        with err.status("building", spinner="dots") as status:
+        with _status("building") as status:
             report = build_heads(request, stage=lambda name: status.update(f"{name}..."))
         for warning in report.warnings:
-            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+            _warn(warning)
         if json_out:
             _emit_json(report.to_dict())
         else:
@@ -549,8 +608,7 @@ def build(
                 rows.append(("verification", f"skipped: {report.skipped}"))
             rows += [(f"{stage} seconds", f"{seconds:.1f}") for stage, seconds in report.seconds.items()]
             err.print(_key_value_table(f"build {report.output}", rows))
-        if report.failure:
-            raise VerificationFailed(f"{report.failure}; {report.output} was not written")
+        report.raise_for_verdict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,12 +651,12 @@ def bench(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Time the compiled heads against the memory-bandwidth floor and numpy, in one run."""
-    from .bench import BenchRequest, bench_heads
+    from .commands.bench import BenchRequest, bench_heads
 
     with _handle_errors(verbose):
         request = BenchRequest(library=library, params_dir=params_dir, batches=_parse_batches(batch),
                                device=device, repeat=repeat, warmup=warmup, numpy_baseline=not no_numpy)
-        with err.status("benchmarking", spinner="dots"):
+        with _status("benchmarking"):
             report = bench_heads(request)
     if json_out:
         _emit_json(report.to_dict())

@@ -41,3 +41,17 @@ class VerificationFailed(MedusaError):
     """The compiled heads disagree with the oracle. Exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def error_gist(exc: BaseException) -> str:
+    """The gist of a TVM error for a one-line message: its last line, up to the first sentence."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return text.splitlines()[-1].split(". ")[0]

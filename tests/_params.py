@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_cli import quant
-from medusa_cli.config import CONFIG_FILE, MedusaConfig, PackedConfig, param_names
-from medusa_cli.tensor_cache import write_tensor_cache
+from medusa_cli import quantization as quant
+from medusa_cli.packed.config import CONFIG_FILE, PackedConfig
+from medusa_cli.packed.tensor_cache import write_tensor_cache
+from medusa_cli.spec import MedusaConfig, param_names
 
-TINY = dict(medusa_num_heads=3, medusa_num_layers=1, hidden_size=64, vocab_size=256)
+TINY = dict(medusa_num_heads=3, medusa_num_layers=1, hidden_size=64, vocab_size=256, max_batch_size=8)
 
 
 @dataclasses.dataclass

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_cli.compile import CompileRequest, compile_heads
-from medusa_cli.config import TENSOR_CACHE_FILE
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
-from medusa_cli.example import ExampleRequest, write_example
-from medusa_cli.tensor_cache import numpy_dtype, read_tensor_cache
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
+from medusa_cli.commands.example import ExampleRequest, write_example
+from medusa_cli.dtypes import numpy_dtype
+from medusa_cli.packed.tensor_cache import TENSOR_CACHE_FILE, read_tensor_cache
 
 MAX_BATCH = 8
 LIBRARY_NAME = "heads.so"
@@ -58,9 +58,9 @@ class Workshop:
         if key not in self._builds:
             ckpt = self.checkpoint(seed, layout, dtype, **options)
             params = self.root / f"params-{len(self._builds)}-{scheme}-{layout}-s{seed}"
-            convert_checkpoint(ConvertRequest(source=ckpt, output=params, quantization=scheme))
-            library = compile_heads(CompileRequest(params, max_batch_size=MAX_BATCH,
-                                                   output=params / LIBRARY_NAME)).output
+            convert_checkpoint(ConvertRequest(source=ckpt, output=params, quantization=scheme,
+                                              max_batch_size=MAX_BATCH))
+            library = compile_heads(CompileRequest(params, output=params / LIBRARY_NAME)).output
             self._builds[key] = Built(ckpt, params, library, scheme)
         return self._builds[key]
 

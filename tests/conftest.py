@@ -7,17 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medusa_cli.config import MedusaConfig
-from medusa_cli.example import ExampleRequest, iter_example_reference, preset_config, write_example
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _kernel_cache(tmp_path_factory):
-    """Compiled helper kernels (md5_lanes) go to a folder of this run, not the user's cache;
-    children started by tests inherit it."""
-    import os
-
-    os.environ["MEDUSA_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+from medusa_cli.checkpoint.synthetic import iter_example_reference, preset_config
+from medusa_cli.commands.example import ExampleRequest, write_example
+from medusa_cli.spec import MedusaConfig
 
 
 @pytest.fixture
@@ -49,3 +41,16 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 def leftovers(parent: Path) -> list[str]:
     """Staging directories a failed write would leave behind."""
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def check_packed_dir(params_dir: Path) -> None:
+    """The packed directory is intact: every tensor its config describes, with every shard's
+    size and md5 as recorded (packed.check, as verify runs it)."""
+    from medusa_cli.packed.check import check_packed
+    from medusa_cli.packed.config import read_packed_config
+    from medusa_cli.quantization import get_scheme
+    from medusa_cli.spec import param_specs
+
+    packed = read_packed_config(params_dir)
+    check_packed(params_dir, param_specs(packed.model, get_scheme(packed.quantization)),
+                 against="mlc-chat-config.json", fix="-", md5=True)

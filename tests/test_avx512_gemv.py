@@ -10,10 +10,11 @@ import pytest
 import tvm
 from tvm.target import codegen
 
-from medusa_cli import avx512_gemv, cpu_tasks, quant
-from medusa_cli.compile import CompileRequest, compile_heads
-from medusa_cli.runtime import configure_cpu_threads, load_heads
-from tests._params import make_params_dir, random_hidden, reference_logits
+from medusa_cli import quantization as quant
+from medusa_cli.compiler import avx512_gemv, cpu_tasks
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.runtime.heads import configure_cpu_threads, load_heads
+from tests._params import make_params_dir, random_hidden, reference_logits, tiny_config
 
 HOST = tvm.target.Target.from_device("cpu")
 # a CPU with AVX-512, whatever this machine has
@@ -125,8 +126,9 @@ def test_supported(target, scheme_name, in_features, out_features, expected):
 @pytest.mark.parametrize("scheme_name", ["q4f16_1", "q4f32_1"])
 def test_compile_for_this_cpu_uses_the_kernel(scheme_name, tmp_path):
     # hidden 64: each row is one partial block of 8 words
-    params = make_params_dir(tmp_path / "params", scheme_name, seed=5)
-    result = compile_heads(CompileRequest(params.path, target="cpu", max_batch_size=9))
+    params = make_params_dir(tmp_path / "params", scheme_name, seed=5,
+                             config=tiny_config(max_batch_size=9))
+    result = compile_heads(CompileRequest(params.path, target="cpu"))
     assert b"q4_gemv_avx512" in result.output.read_bytes()
     heads = load_heads(result.output, params.path)
     for batch in (1, 5, 9):

@@ -7,13 +7,11 @@ import re
 
 import pytest
 
-from medusa_cli import bench_suite
+from tools import bench_suite
 
 
 def test_tiny_suite_with_verify(tmp_path):
-    text = bench_suite.run_suite("tiny", ["q4f16_1"], (1, 3), 2, "cpu", tmp_path, verify=True,
-                                 convert=False)
-    assert "## convert" not in text
+    text = bench_suite.run_suite("tiny", ["q4f16_1"], (1, 3), 2, "cpu", tmp_path, verify=True)
     assert "Bandwidth measured in the same run (summing a buffer (numpy))" in text
     rows = [line for line in text.splitlines() if line.startswith("| q4f16_1 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "3"]
@@ -21,7 +19,7 @@ def test_tiny_suite_with_verify(tmp_path):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         library_ms, numpy_ms = float(cells[2].split()[0]), float(cells[3])
         assert float(cells[4].rstrip("x")) == pytest.approx(library_ms / numpy_ms, rel=0.05, abs=0.01)
-        assert re.fullmatch(r"pass \(\d\.\de-\d\d\)", cells[10]), cells[10]
+        assert re.fullmatch(r"pass \(\d\.\de-\d\d\)", cells[11]), cells[11]
 
 
 @pytest.mark.parametrize("seconds, text", [(0.000123, "0.123"), (0.00456, "4.56"), (0.1261, "126.1")])
@@ -30,7 +28,7 @@ def test_milliseconds_keep_their_digits(seconds, text):
 
 
 def test_no_verify_column_without_verify(tmp_path):
-    text = bench_suite.run_suite("tiny", ["q0f32"], (1,), 1, "cpu", tmp_path, convert=False)
+    text = bench_suite.run_suite("tiny", ["q0f32"], (1,), 1, "cpu", tmp_path)
     header = next(line for line in text.splitlines() if line.startswith("| scheme |"))
     row = next(line for line in text.splitlines() if line.startswith("| q0f32 |"))
-    assert "verify" not in header and header.count("|") == row.count("|") == 11
+    assert "verify" not in header and header.count("|") == row.count("|") == 12

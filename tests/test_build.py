@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from medusa_cli import verify
-from medusa_cli.build import REPORT_FILE, BuildRequest, build_heads
+from medusa_cli.commands import verify
+from medusa_cli.verify.thresholds import Bounds, Thresholds
+from medusa_cli.commands.build import REPORT_FILE, BuildRequest, build_heads
 from medusa_cli.errors import InputError, ToolchainError
-from medusa_cli.runtime import load_heads
+from medusa_cli.runtime.heads import load_heads
 from tests._verify_helpers import Workshop
 
 from .conftest import leftovers
@@ -51,8 +52,8 @@ def test_build_writes_params_library_and_report(workshop, tmp_path):
 
 def test_failed_verification_publishes_nothing(workshop, tmp_path, monkeypatch):
     def impossible(scheme, overrides=None):
-        strict = verify.Bounds(rtol=0.0, min_cosine=1.0, min_top1=1.0)
-        return verify.Thresholds(scheme, strict, strict)
+        strict = Bounds(rtol=0.0, min_cosine=1.0, min_top1=1.0)
+        return Thresholds(scheme, strict, strict)
 
     monkeypatch.setattr(verify, "load_thresholds", impossible)
     out = tmp_path / "out"

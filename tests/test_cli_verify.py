@@ -34,10 +34,15 @@ def _error_line(result) -> str:
     return lines[0]
 
 
-def test_compile_then_verify_json(workshop, tmp_path):
-    params = workshop.copy(workshop.build("q0f16")).params
+def test_convert_compile_then_verify_json(workshop, tmp_path):
+    """The max batch flows from convert (mlc-chat-config.json) to compile (the library)."""
+    params = tmp_path / "params"
+    result = run("convert", workshop.checkpoint(), "-o", params, "-q", "q0f16",
+                 "--max-batch-size", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((params / "mlc-chat-config.json").read_text())["max_batch_size"] == 4
     library = tmp_path / "heads.so"
-    result = run("compile", params, "-o", library, "--max-batch-size", "4", "--json")
+    result = run("compile", params, "-o", library, "--json")
     assert result.exit_code == 0, result.stderr
     compiled = json.loads(result.stdout)
     assert compiled["output"] == str(library) and compiled["metadata"]["max_batch_size"] == 4
@@ -125,6 +130,40 @@ def test_missing_source_warns_and_verifies_the_packed_weights(workshop, tmp_path
     assert report["source"]["kind"] == "packed" and report["heads"][0]["vs_source"] is None
 
 
+def _deep(tmp_path, length: int = 400):
+    """A folder whose path is longer than any terminal is wide, with no spaces to wrap at."""
+    folder = tmp_path
+    while len(str(folder)) < length:
+        folder = folder / "a-long-folder-name-without-any-spaces"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_messages_with_long_paths_keep_every_word(tmp_path):
+    """A warning or error wider than the console is printed whole, on one line, wherever the
+    clone lives (under the test runner rich sees an 80-column console that is no terminal)."""
+    deep = _deep(tmp_path)
+    src = deep / "ckpt"
+    assert run("example", src).exit_code == 0
+    params = deep / "params"
+    assert run("convert", src, "-o", params).exit_code == 0
+    assert run("compile", params).exit_code == 0
+    for f in src.iterdir():
+        f.unlink()
+    src.rmdir()
+    result = run("verify", params / "medusa-llvm-q0f32.so", params)
+    assert result.exit_code == 0, result.stderr
+    warning = (f"warning: the source recorded in {params / 'mlc-chat-config.json'} ({src}) no "
+               "longer exists; verifying against the packed weights themselves, which cannot "
+               "reveal conversion or quantization errors (pass --source CKPT)")
+    assert warning in result.stderr.splitlines()
+
+    missing = deep / "no-such-checkpoint"
+    result = run("convert", missing, "-o", deep / "out")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: {missing}: no such file or directory"]
+
+
 def test_threshold_flags(workshop):
     built = workshop.build("q0bf16")
     result = run("verify", built.library, built.params, "--rtol", "1e-9")
@@ -197,7 +236,7 @@ def test_python_api_is_importable_without_loading_tvm_up_front():
         "assert 'tvm' not in sys.modules, 'importing the CLI loaded TVM'\n"
         "from medusa_cli import load_heads, verify_heads, convert_checkpoint, compile_heads, "
         "build_heads, run_heads, VerifyRequest\n"
-        "from medusa_cli.runtime import load_heads as direct\n"
+        "from medusa_cli.runtime.heads import load_heads as direct\n"
         "assert load_heads is direct and 'tvm' in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

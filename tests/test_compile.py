@@ -13,18 +13,18 @@ import pytest
 import tvm
 from tvm import relax
 
-from medusa_cli import compile as compile_mod
-from medusa_cli import quant, targets
-from medusa_cli.compile import (
-    CompileRequest,
-    compile_heads,
-    patch_cuda_library_bin,
-    read_library_metadata,
-)
-from medusa_cli.config import CONFIG_FILE, TENSOR_CACHE_FILE
+from medusa_cli import quantization as quant
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.compiler import pipeline as compile_mod
+from medusa_cli.compiler import targets
+from medusa_cli.compiler.cuda import patch_cuda_library_bin
+from medusa_cli.compiler.targets import resolve_target
 from medusa_cli.errors import CompileError, InputError, ParamsError, ToolchainError
-from medusa_cli.targets import resolve_target
-from tests._params import make_params_dir
+from medusa_cli.library import read_library_metadata
+from medusa_cli.packed.config import CONFIG_FILE
+from medusa_cli.packed.tensor_cache import TENSOR_CACHE_FILE
+from medusa_cli.spec import MedusaConfig, param_specs
+from tests._params import make_params_dir, tiny_config
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
@@ -63,7 +63,7 @@ def _libraries(directory: Path) -> list[str]:
     ],
 )
 def test_resolve_target_table(name, arch, kind, attrs, monkeypatch):
-    monkeypatch.setattr(targets, "_gpu_visible", lambda kind: False)
+    monkeypatch.setattr(targets, "device_visible", lambda kind, index=0: False)
     resolved = resolve_target(name, arch)
     exported = json.loads(resolved.json)
     assert resolved.kind == kind == exported["kind"]
@@ -92,13 +92,13 @@ def test_resolve_cuda_translates_to_json(name, arch, arches):
 
 @needs_nvcc
 def test_cuda_default_arch_is_stated(monkeypatch):
-    monkeypatch.setattr(targets, "_gpu_visible", lambda kind: False)
+    monkeypatch.setattr(targets, "device_visible", lambda kind, index=0: False)
     assert resolve_target("cuda").cuda_arches == (targets.DEFAULT_CUDA_ARCH,)
 
 
 @needs_nvcc
 def test_auto_prefers_a_visible_cuda_gpu(monkeypatch):
-    monkeypatch.setattr(targets, "_gpu_visible", lambda kind: kind == "cuda")
+    monkeypatch.setattr(targets, "device_visible", lambda kind, index=0: kind == "cuda")
     monkeypatch.setattr(targets, "_parse_cuda_arches", lambda arch: ("sm_90",))
     assert resolve_target("auto").kind == "cuda"
 
@@ -163,9 +163,16 @@ def test_unknown_quantization(params_copy):
         compile_heads(CompileRequest(params_copy, quantization="q9"))
 
 
-def test_max_batch_size_below_one(params_copy):
-    with pytest.raises(InputError, match="--max-batch-size"):
-        compile_heads(CompileRequest(params_copy, max_batch_size=0))
+@pytest.mark.parametrize("max_batch_size", [0, 4])
+def test_max_batch_size_other_than_the_configs(params_copy, max_batch_size):
+    """The max batch is set once, by convert, and read from mlc-chat-config.json (MLC-LLM's
+    engine reads it there too); compile refuses a different one instead of building a library
+    that disagrees with its config."""
+    with pytest.raises(InputError) as info:
+        compile_heads(CompileRequest(params_copy, max_batch_size=max_batch_size))
+    assert str(info.value).startswith(f"--max-batch-size {max_batch_size} differs from the "
+                                      f"max_batch_size 8 in {params_copy / CONFIG_FILE}")
+    assert "medusa convert --max-batch-size" in str(info.value)
     assert _libraries(params_copy) == []
 
 
@@ -223,7 +230,7 @@ def test_broken_params_dir(params_copy, tmp_path, damage, error_words):
 
 
 def test_failed_export_leaves_nothing(params_copy, monkeypatch):
-    monkeypatch.setattr(compile_mod, "_metadata_source", lambda metadata: "this is not C\n")
+    monkeypatch.setattr(compile_mod, "metadata_c_source", lambda metadata: "this is not C\n")
     with pytest.raises(CompileError, match="exporting the llvm library failed"):
         compile_heads(CompileRequest(params_copy))
     assert _libraries(params_copy) == []
@@ -233,33 +240,31 @@ def test_failed_export_leaves_nothing(params_copy, monkeypatch):
 # Output and metadata
 
 
-def test_default_output_and_metadata(params_copy):
-    result = compile_heads(CompileRequest(params_copy, max_batch_size=4))
-    assert result.output == params_copy / "medusa-llvm-q0f32.so"
-    assert _libraries(params_copy) == ["medusa-llvm-q0f32.so"]
+def test_default_output_and_metadata(tmp_path):
+    params = make_params_dir(tmp_path / "params", "q0f32", config=tiny_config(max_batch_size=4)).path
+    result = compile_heads(CompileRequest(params))
+    assert result.output == params / "medusa-llvm-q0f32.so"
+    assert _libraries(params) == ["medusa-llvm-q0f32.so"]
     meta = read_library_metadata(result.output)
     assert meta == result.metadata
-    assert json.loads(json.dumps(result.to_dict()))["output"] == str(result.output)  # for --json
-    assert meta["model_type"] == "medusa" and meta["kv_state_kind"] == "none"
-    assert meta["quantization"] == "q0f32" and meta["max_batch_size"] == 4
-    assert json.loads(result.target)["kind"] == meta["target"]["kind"] == "llvm"
-    specs = quant.param_specs(meta_config := _config(meta), quant.get_scheme("q0f32"))
-    assert [(p["name"], tuple(p["shape"]), p["dtype"]) for p in meta["params"]] == specs
-    assert meta["params_bytes"] == sum(np.prod(s) * 4 for _, s, _ in specs)
+    data = json.loads(json.dumps(result.to_dict()))  # what --json prints
+    assert data["output"] == str(result.output) and data["metadata"] == meta.to_json()
+    as_json = meta.to_json()
+    assert as_json["model_type"] == "medusa" and as_json["kv_state_kind"] == "none"
+    assert meta.quantization == "q0f32" and meta.max_batch_size == as_json["max_batch_size"] == 4
+    assert data["target"]["kind"] == meta.target["kind"] == "llvm"
+    specs = param_specs(meta.config, quant.get_scheme("q0f32"))
+    assert meta.params == specs
+    assert [(p["name"], tuple(p["shape"]), p["dtype"]) for p in as_json["params"]] == specs
+    assert as_json["params_bytes"] == sum(np.prod(s) * 4 for _, s, _ in specs)
     # intermediates: one [max_batch, hidden] float32 buffer reused by every head
-    assert meta["memory_usage"] == {"get_logits": 4 * meta_config.hidden_size * 4}
+    assert meta.memory_usage == {"get_logits": 4 * meta.config.hidden_size * 4}
     # CPU kernels share their parallel loops out at run time (cpu_tasks.py)
     assert b"runtime.NumThreads" in result.output.read_bytes()
 
     # the MLC-LLM way: the library's _metadata function returns the same JSON
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.output)), tvm.cpu())
-    assert json.loads(str(vm["_metadata"]())) == meta
-
-
-def _config(meta):
-    from medusa_cli.config import MedusaConfig
-
-    return MedusaConfig.from_dict(meta["model_config"])
+    assert json.loads(str(vm["_metadata"]())) == as_json
 
 
 def test_system_library_tar(params_copy, tmp_path):
@@ -267,7 +272,7 @@ def test_system_library_tar(params_copy, tmp_path):
     with tarfile.open(result.output) as tar:
         names = tar.getnames()
     assert "devc.o" in names and any(n.endswith(".o") and n != "devc.o" for n in names)
-    assert read_library_metadata(result.output)["quantization"] == "q0f32"
+    assert read_library_metadata(result.output).quantization == "q0f32"
 
 
 def test_read_library_metadata_errors(tmp_path):
@@ -275,8 +280,10 @@ def test_read_library_metadata_errors(tmp_path):
         read_library_metadata(tmp_path / "missing.so")
     junk = tmp_path / "junk.so"
     junk.write_bytes(b"\x7fELF not really")
+    with pytest.raises(InputError, match="holds no medusa-cli metadata.*it was not loaded"):
+        read_library_metadata(junk)  # never loaded: its constructors would run
     with pytest.raises(InputError, match="cannot read its metadata"):
-        read_library_metadata(junk)
+        read_library_metadata(junk, load=True)
 
 
 def test_compile_time_for_tiny_heads(params_copy):
@@ -300,7 +307,7 @@ def test_opencl_compiles_every_scheme(scheme_dirs, scheme_name, tmp_path):
     result = compile_heads(CompileRequest(scheme_dirs[scheme_name], target="opencl",
                                           output=tmp_path / "heads.so"))
     assert b"__kernel" in result.output.read_bytes()  # OpenCL C, built by the driver at load
-    assert read_library_metadata(result.output)["device_code"] == "source"
+    assert read_library_metadata(result.output).device_code == "source"
 
 
 def _cubin_flags(data: bytes) -> list[int]:
@@ -331,8 +338,8 @@ def test_cuda_library_carries_a_fatbin(scheme_dirs, scheme_name, tmp_path):
     assert len(flags) == 2 and {80, 90} <= _sm_numbers(flags)  # one cubin per --arch
     assert b"__global__" not in data  # no CUDA source left to compile at load
     meta = read_library_metadata(result.output)  # readable without a CUDA runtime
-    assert meta["device_code"] == "fatbin" and meta["cuda_arches"] == ["sm_80", "sm_90"]
-    assert meta["quantization"] == scheme_name
+    assert meta.device_code == "fatbin" and meta.cuda_arches == ["sm_80", "sm_90"]
+    assert meta.quantization == scheme_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +374,7 @@ def test_every_function_of_a_cpu_library_is_noalias():
     it declared last; VMShapeLower's shape_func has no "tirx.noalias", and declared last it took
     noalias from every kernel (their accumulators then lived in memory). The finalize pipeline
     marks such one-buffer functions; functions with several buffers are left as they are."""
-    from medusa_cli.config import MedusaConfig
-    from medusa_cli.model import MedusaModel
+    from medusa_cli.compiler.model import MedusaModel
     from tvm.script import tirx as T
 
     target = resolve_target("cpu", None)

@@ -12,14 +12,14 @@ import tvm
 from safetensors.numpy import save_file
 from tvm.contrib import tvmjs
 
-from medusa_cli import checkpoint as ckpt_mod
-from medusa_cli import quant
-from medusa_cli.config import CONFIG_FILE, read_packed_config
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
+from medusa_cli import quantization as quant
+from medusa_cli.checkpoint import files as ckpt_mod
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
 from medusa_cli.errors import CheckpointError, InputError, MedusaError
-from medusa_cli.tensor_cache import check_integrity, load_array, read_tensor_cache
+from medusa_cli.packed.config import CONFIG_FILE, read_packed_config
+from medusa_cli.packed.tensor_cache import load_array, read_tensor_cache
 
-from .conftest import leftovers, reference_tensors, same_bits
+from .conftest import check_packed_dir, leftovers, reference_tensors, same_bits
 
 LAYOUTS = ["medusa1", "medusa2", "trtllm", "vllm", "mlc"]
 
@@ -49,12 +49,12 @@ def test_every_layout_and_dtype_round_trips_through_tvmjs(make_example, tmp_path
     assert set(loaded) == set(expected)
     for name, ref in expected.items():
         assert same_bits(loaded[name], ref), name
-    check_integrity(result.output)
+    check_packed_dir(result.output)
 
 
 @pytest.mark.parametrize("layout", ["medusa1", "medusa2", "vllm"])
 def test_pytorch_files_single_and_sharded(make_example, tmp_path, layout, tiny_config):
-    pytest.importorskip("medusa_cli.torch_format")
+    pytest.importorskip("medusa_cli.checkpoint.pytorch")
     for shards in (1, 2):
         example = make_example(layout=layout, dtype="float16", file_format="pt", shards=shards)
         result = _convert(example.output, tmp_path / f"params{shards}")
@@ -103,7 +103,7 @@ def test_heads_without_bias_get_zero_bias(make_example, tmp_path, tiny_config):
 
 
 def test_medusa2_heads_reuse_base_lm_head_in_the_same_file(tmp_path, make_example):
-    from medusa_cli.example import base_lm_head, preset_config
+    from medusa_cli.checkpoint.synthetic import base_lm_head, preset_config
 
     example = make_example(layout="medusa2", head_lm_head=False)
     loaded = _tvm_arrays(_convert(example.output, tmp_path / "p").output)
@@ -113,7 +113,7 @@ def test_medusa2_heads_reuse_base_lm_head_in_the_same_file(tmp_path, make_exampl
 
 
 def test_lm_head_flag_supplies_a_missing_vocab_projection(tmp_path, make_example):
-    from medusa_cli.example import base_lm_head, preset_config
+    from medusa_cli.checkpoint.synthetic import base_lm_head, preset_config
 
     example = make_example(layout="vllm", head_lm_head=False)
     out = tmp_path / "p"
@@ -195,7 +195,7 @@ def test_packed_config_records_provenance(make_example, tmp_path):
     data = json.loads((out / CONFIG_FILE).read_text())
     assert data["model_type"] == "medusa"
     assert data["model_config"]["medusa_num_heads"] == 3
-    assert data["model_config"]["max_batch_size"] == 1
+    assert data["model_config"]["max_batch_size"] == data["max_batch_size"] == 8
     assert data["model_config"]["tensor_parallel_shards"] == 1
     source = data["medusa_cli"]["source"]
     assert source["layout"] == "medusa1"
@@ -358,7 +358,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(make_example, tmp_pat
     the output and the system's reason, without a traceback, and removes the staging dir."""
     import errno
 
-    from medusa_cli import tensor_cache
+    from medusa_cli.packed import tensor_cache
 
     example = make_example(layout="medusa1", dtype="float16", file_format="safetensors")
 
@@ -407,8 +407,8 @@ def test_pickle_that_calls_os_system_is_refused_and_never_runs(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_all_finite_on_the_bits_agrees_with_isfinite(dtype):
-    from medusa_cli.convert import all_finite
-    from medusa_cli.tensor_cache import numpy_dtype
+    from medusa_cli.commands.convert import all_finite
+    from medusa_cli.dtypes import numpy_dtype
 
     np_dtype = numpy_dtype(dtype)
     values = (np.random.default_rng(1).standard_normal(9000) * 100).astype(np_dtype)
@@ -434,7 +434,7 @@ def test_source_dtype_tensors_are_copied_file_to_file(make_example, tmp_path, mo
 
     import os
 
-    from medusa_cli import tensor_cache
+    from medusa_cli.packed import tensor_cache
 
     calls = []
     real = os.copy_file_range
@@ -460,7 +460,7 @@ def test_copy_falls_back_to_writing_where_the_kernel_cannot(make_example, tmp_pa
     import errno
     import os
 
-    from medusa_cli import tensor_cache
+    from medusa_cli.packed import tensor_cache
 
     monkeypatch.setattr(tensor_cache.os, "copy_file_range",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
@@ -480,12 +480,12 @@ def test_copy_falls_back_to_writing_where_the_kernel_cannot(make_example, tmp_pa
     monkeypatch.undo()
     copied = _packed_bytes(_convert(example.output, tmp_path / "copied").output)
     assert none == partial == copied
-    check_integrity(tmp_path / "partial")
+    check_packed_dir(tmp_path / "partial")
 
 
 def test_short_writes_are_completed(tmp_path, monkeypatch):
     """A write may take fewer bytes than given (Linux caps one call at 2 GiB)."""
-    from medusa_cli import tensor_cache
+    from medusa_cli.packed import tensor_cache
 
     real = os.pwrite
     calls = []

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import tvm
 
-from medusa_cli import cpu_schedule, quant
-from medusa_cli.runtime import configure_cpu_threads
+from medusa_cli import quantization as quant
+from medusa_cli.compiler import cpu_schedule
+from medusa_cli.runtime.heads import configure_cpu_threads
 
 # (scheme, hidden, vocab): odd sizes; in 96 splits into int4 words and 16-lane vectors, in 200
 # into int3 groups of 40; out 100 and 96 do not divide by every row count of TILE_SHAPE_*.
@@ -144,30 +145,3 @@ def test_sum_reductions_that_are_not_products_are_left_alone() -> None:
     largest = te.compute((4, 6), lambda i, j: te.max(a[i, j, k], axis=k), name="largest")
     for out in (total, largest):
         assert cpu_schedule.find_gemvs(te.create_prim_func([a, out])) == []
-
-
-def test_markdown_table_has_a_row_per_measurement() -> None:
-    rows = [cpu_schedule.KernelBenchRow("q0f32", 1, 4_000_000, 0.002, 0.003, 0.0018, None),
-            cpu_schedule.KernelBenchRow("q4f16_1", 8, 1_000_000, 0.001, 0.004, 0.0005, 0.02)]
-    report = cpu_schedule.KernelBenchReport(rows, 10.0, 2, '{"kind":"llvm"}', {"q0f32": 0.5})
-    text = cpu_schedule.format_markdown(report)
-    table = [line for line in text.splitlines() if line.startswith("| q")]
-    assert len(table) == 2
-    assert "| q0f32 | 1 | 4 | 2.00 | - | 3.00 | 1.80 | 2.0 | 1.11x | 0.67x |" in table
-    assert rows[1].to_dict()["vs_numpy"] == pytest.approx(0.25)
-
-
-def test_bench_kernels_runs_at_a_tiny_shape() -> None:
-    try:
-        report = cpu_schedule.bench_kernels(["q0f32", "q4f32_1"], [1, 3], hidden=96, vocab=100,
-                                            rounds=1, unscheduled=True, threads=1,
-                                            floor_bytes=1 << 22)
-    finally:
-        configure_cpu_threads()  # the pool is process-wide: back to every core
-    assert [(row.scheme, row.batch) for row in report.rows] == [
-        ("q0f32", 1), ("q0f32", 3), ("q4f32_1", 1), ("q4f32_1", 3)]
-    for row in report.rows:
-        assert row.scheduled_s > 0 and row.numpy_s > 0 and row.floor_s > 0
-        assert row.unscheduled_s is not None
-    assert report.rows[0].weight_bytes == (96 * 96 + 96 + 100 * 96) * 4
-    assert report.threads == 1 and set(report.compile_s) == {"q0f32", "q4f32_1"}

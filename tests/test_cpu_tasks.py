@@ -13,8 +13,8 @@ import tvm
 import tvm_ffi
 from tvm.script import tirx as T
 
-from medusa_cli import cpu_tasks
-from medusa_cli.runtime import configure_cpu_threads
+from medusa_cli.compiler import cpu_tasks
+from medusa_cli.runtime.heads import configure_cpu_threads
 
 HOST = tvm.target.Target.from_device("cpu")
 CORES = len(os.sched_getaffinity(0))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_cli import gpu_bundle
+from tools import gpu_bundle
 
 
 def test_build_then_run_on_the_runtime_alone(tmp_path):
@@ -31,7 +31,7 @@ def test_build_then_run_on_the_runtime_alone(tmp_path):
     # install's), run from the checkout
     base_python = Path(sys.base_prefix) / "bin" / "python3"
     env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
-    child = subprocess.run([str(base_python), "-m", "medusa_cli.gpu_bundle", "run", "--bundle",
+    child = subprocess.run([str(base_python), str(Path(gpu_bundle.__file__)), "run", "--bundle",
                             str(bundle), "--device", "cpu", "--preset", "tiny", "--batches", "1,2",
                             "--output", str(tmp_path / "out")],
                            cwd=Path(gpu_bundle.__file__).parents[1], env=env, capture_output=True,
@@ -65,8 +65,8 @@ def test_a_cuda_library_loads_on_the_runtime_alone(tmp_path):
     site = tmp_path / "site"
     with tarfile.open(bundle / "tvm-runtime.tar.xz") as tar:
         tar.extractall(site, filter="data")
-    code = ("import tvm; from medusa_cli.runtime import _load_device_runtime; "
-            "_load_device_runtime('cuda'); "
+    code = ("import tvm; from medusa_cli.devices import load_device_runtime; "
+            "load_device_runtime('cuda'); "
             f"tvm.runtime.load_module({str(bundle / 'libs' / 'heads-q4f16_1.so')!r}); "
             "print(tvm.base._RUNTIME_ONLY, sorted(tvm.base._LOADED_LIBS))")
     repo = Path(gpu_bundle.__file__).parents[1]

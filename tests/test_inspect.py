@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from medusa_cli.compile import CompileRequest, compile_heads
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
-from medusa_cli.inspection import inspect_path
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
+from medusa_cli.commands.inspect import inspect_path
 
 TINY_PARAMS = 3 * (64 * 64 + 64 + 256 * 64)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
-from medusa_cli.tensor_cache import load_array, read_tensor_cache
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
+from medusa_cli.packed.tensor_cache import load_array, read_tensor_cache
 
 HIDDEN, VOCAB = 4, 6
 

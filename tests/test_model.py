@@ -6,8 +6,9 @@ import pytest
 from tvm import ir, relax, s_tir, tirx
 
 from tests._params import tiny_config
-from medusa_cli import quant
-from medusa_cli.model import MedusaModel
+from medusa_cli import quantization as quant
+from medusa_cli.compiler.model import MedusaModel
+from medusa_cli.spec import param_specs
 
 SCHEMES = list(quant.SCHEMES)
 
@@ -46,7 +47,7 @@ def test_parameters_are_the_converters(scheme_name):
     config = tiny_config(medusa_num_layers=2, hidden_size=72)  # 72: not a multiple of any group
     _, _, named_params = _export(scheme_name, medusa_num_layers=2, hidden_size=72)
     found = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
-    assert found == quant.param_specs(config, quant.get_scheme(scheme_name))
+    assert found == param_specs(config, quant.get_scheme(scheme_name))
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)

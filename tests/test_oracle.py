@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medusa_cli.errors import InputError
-from medusa_cli.oracle import (
+from medusa_cli.verify.oracle import (
     HIDDEN_STD,
     HeadWeights,
     compare_logits,
@@ -21,7 +21,7 @@ from medusa_cli.oracle import (
     reference_logits,
     silu,
 )
-from medusa_cli.quant import SCHEMES
+from medusa_cli.quantization import SCHEMES
 
 
 def closed_form_silu(x: float) -> float:

@@ -10,15 +10,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from medusa_cli import quant
-from medusa_cli.config import MedusaConfig, param_names
+from medusa_cli import quantization as quant
+from medusa_cli.spec import MedusaConfig, param_names, param_specs
 from medusa_cli.errors import InputError
-from medusa_cli.quant import (
+from medusa_cli.quantization import (
     SCHEMES,
     QuantScheme,
     convert_tensor,
     dequantize_weight,
-    param_specs,
     quantize_weight,
     quantized_names,
 )

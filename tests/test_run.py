@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from medusa_cli.errors import InputError
-from medusa_cli.oracle import HeadWeights, reference_logits
-from medusa_cli.run import RunRequest, load_hidden_states, run_heads, top_k_ids
-from medusa_cli.runtime import load_heads
+from medusa_cli.verify.oracle import HeadWeights, reference_logits
+from medusa_cli.commands.run import RunRequest, load_hidden_states, run_heads, top_k_ids
+from medusa_cli.runtime.heads import load_heads
 from tests._verify_helpers import Workshop
 
 
@@ -39,7 +39,7 @@ def test_logits_equal_the_library_and_the_oracle(workshop, tmp_path):
 
     hidden = np.load(inputs)
     direct = load_heads(built.library, built.params).get_logits(hidden[:8])
-    from medusa_cli.checkpoint import Checkpoint
+    from medusa_cli.checkpoint.files import Checkpoint
 
     with Checkpoint(built.ckpt) as ckpt:
         heads = [HeadWeights([(ckpt.read(f"{h}.0.linear.weight"), ckpt.read(f"{h}.0.linear.bias"))],

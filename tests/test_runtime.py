@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tvm
 
-from medusa_cli import quant
-from medusa_cli.compile import CompileRequest, compile_heads
+from medusa_cli import quantization as quant
+from medusa_cli.commands.compile import CompileRequest, compile_heads
 from medusa_cli.errors import InputError, ParamsError
-from medusa_cli.runtime import CompiledHeads, load_heads
-from tests._params import TinyParams, make_params_dir, random_hidden, reference_logits
+from medusa_cli.runtime.heads import CompiledHeads, load_heads
+from tests._params import TinyParams, make_params_dir, random_hidden, reference_logits, tiny_config
 
 MAX_BATCH = 4
 # Max |compiled - reference| over max |reference|, reference on the weights the kernels use
@@ -38,8 +38,9 @@ def compiled(tmp_path_factory) -> dict[str, tuple[TinyParams, Path]]:
     root = tmp_path_factory.mktemp("runtime")
     out = {}
     for seed, name in enumerate(quant.SCHEMES):
-        params = make_params_dir(root / name, name, seed=seed)
-        result = compile_heads(CompileRequest(params.path, max_batch_size=MAX_BATCH))
+        params = make_params_dir(root / name, name, seed=seed,
+                                 config=tiny_config(max_batch_size=MAX_BATCH))
+        result = compile_heads(CompileRequest(params.path))
         out[name] = (params, result.output)
     return out
 
@@ -117,7 +118,7 @@ def test_attributes(compiled):
     assert heads.quantization == "q4f16_1" and heads.dtype == "float16"
     assert heads.config.hidden_size == params.config.hidden_size
     assert heads.max_batch_size == MAX_BATCH
-    assert heads.metadata["model_type"] == "medusa"
+    assert heads.metadata.to_json()["model_type"] == "medusa"
 
 
 def test_device_errors(compiled):
@@ -177,7 +178,7 @@ def _cuda_visible() -> bool:
 def test_cuda_logits_match_numpy(compiled, scheme_name, tmp_path):
     """On a GPU machine: compile for the local arch, run on cuda:0, compare with numpy."""
     params, _ = compiled[scheme_name]
-    result = compile_heads(CompileRequest(params.path, target="cuda", max_batch_size=MAX_BATCH,
+    result = compile_heads(CompileRequest(params.path, target="cuda",
                                           output=tmp_path / "heads.so"))
     heads = load_heads(result.output, params.path, device="cuda:0")
     for batch in (1, MAX_BATCH):
@@ -214,7 +215,7 @@ def _smaps_entry(address: int) -> str:
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
                     reason="transparent huge pages are off or absent here")
 def test_large_params_are_advised_onto_huge_pages():
-    from medusa_cli.runtime import _param_tensor
+    from medusa_cli.runtime.heads import _param_tensor
 
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB
     tensor = _param_tensor(big, tvm.cpu())

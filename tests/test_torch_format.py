@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from medusa_cli.errors import CheckpointError, UnsafePickleError
-from medusa_cli.torch_format import (
+from medusa_cli.checkpoint.pytorch import (
     TorchCheckpoint,
     _ArchiveWriter,
     _emit_int,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medusa_cli.errors import InputError
-from medusa_cli.tree import (
+from medusa_cli.trees import (
     MedusaTree,
     build_buffers,
     describe,

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import tvm
 
-from medusa_cli import quant
-from medusa_cli.compile import CompileRequest, compile_heads, read_library_metadata
-from medusa_cli.config import CONFIG_FILE, PackedConfig
+from medusa_cli import quantization as quant
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.library import read_library_metadata
+from medusa_cli.packed.config import CONFIG_FILE, PackedConfig
 from medusa_cli.errors import InputError
-from medusa_cli.runtime import load_heads
-from medusa_cli.tensor_cache import write_tensor_cache
-from medusa_cli.topk import MAX_TOPK, MISSING_ID, TopkLayout, chunk_kernel, merge_kernel
-from medusa_cli.tree import MedusaTree, build_buffers, generate_candidates, load_tree, validate_paths
+from medusa_cli.runtime.heads import load_heads
+from medusa_cli.packed.tensor_cache import write_tensor_cache
+from medusa_cli.compiler.topk import MAX_TOPK, MISSING_ID, TopkLayout, chunk_kernel, merge_kernel
+from medusa_cli.trees import MedusaTree, build_buffers, generate_candidates, load_tree, validate_paths
 from tests._params import (
     TinyParams,
     make_params_dir,
@@ -33,7 +34,7 @@ from tests._params import (
 
 MAX_BATCH = 4
 # 4 heads: enough for mc_sim_7b_63 (depth 4, top-10), the tree Medusa ships as its default
-CONFIG = tiny_config(medusa_num_heads=4)
+CONFIG = tiny_config(medusa_num_heads=4, max_batch_size=MAX_BATCH)
 # a small tree given as a file, with its own top-k, for the quantized library
 SMALL_TREE = {"name": "small", "paths": [[0], [1], [2], [0, 0], [0, 2], [1, 0], [0, 0, 1]]}
 SMALL_TOPK = 3
@@ -68,11 +69,11 @@ def tree_libraries(tmp_path_factory) -> dict[str, tuple[TinyParams, Path]]:
     q4f16 = _write_tied_params(root / "q4f16_1", "q4f16_1", seed=4)
     return {
         "q0f32": (q0f32, compile_heads(CompileRequest(
-            q0f32.path, tree="mc_sim_7b_63", max_batch_size=MAX_BATCH)).output),
+            q0f32.path, tree="mc_sim_7b_63")).output),
         "q4f16_1": (q4f16, compile_heads(CompileRequest(
-            q4f16.path, tree=tree_file, topk=SMALL_TOPK, max_batch_size=MAX_BATCH)).output),
+            q4f16.path, tree=tree_file, topk=SMALL_TOPK)).output),
         "no_tree": (q0f32, compile_heads(CompileRequest(
-            q0f32.path, max_batch_size=MAX_BATCH, output=root / "no_tree.so")).output),
+            q0f32.path, output=root / "no_tree.so")).output),
     }
 
 
@@ -151,15 +152,15 @@ def test_tree_buffers_are_baked_in(tree_libraries):
 
 
 def test_metadata_holds_the_tree(tree_libraries):
-    meta = read_library_metadata(tree_libraries["q0f32"][1])["tree"]
+    meta = read_library_metadata(tree_libraries["q0f32"][1]).to_json()["tree"]
     tree = load_tree("mc_sim_7b_63")
     assert meta["name"] == "mc_sim_7b_63" and meta["topk"] == 10
     assert [tuple(p) for p in meta["paths"]] == list(tree.paths)
     assert (meta["nodes"], meta["depth"], meta["leaves"]) == (64, 4, len(tree.leaves))
 
-    small = read_library_metadata(tree_libraries["q4f16_1"][1])["tree"]
-    assert (small["name"], small["topk"], len(small["paths"])) == ("small", SMALL_TOPK, 7)
-    assert read_library_metadata(tree_libraries["no_tree"][1])["tree"] is None
+    small = read_library_metadata(tree_libraries["q4f16_1"][1]).tree
+    assert (small.tree.name, small.topk, len(small.tree.paths)) == ("small", SMALL_TOPK, 7)
+    assert read_library_metadata(tree_libraries["no_tree"][1]).tree is None
 
 
 def test_library_without_a_tree_says_so(tree_libraries):
@@ -243,7 +244,7 @@ def test_opencl_library_with_a_tree(tree_libraries, tmp_path):
                                           output=tmp_path / "heads.so"))
     source = result.output.read_bytes()
     assert b"topk_chunks" in source and b"topk_merge" in source  # bound to GPU threads
-    assert result.metadata["tree"]["name"] == "vicuna_7b_stage1"
+    assert result.metadata.tree.tree.name == "vicuna_7b_stage1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from medusa_cli.cli import app
-from medusa_cli.compile import CompileRequest, compile_heads
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
-from medusa_cli.example import ExampleRequest, write_example
-from medusa_cli.tree import build_buffers, generate_candidates, load_tree
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
+from medusa_cli.commands.example import ExampleRequest, write_example
+from medusa_cli.trees import build_buffers, generate_candidates, load_tree
 
 runner = CliRunner()
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]]
@@ -91,7 +91,7 @@ def test_verify_reports_tree_agreement(built, scheme, exact):
 
 
 def test_verify_fails_when_the_candidate_kernel_is_wrong(built, monkeypatch):
-    from medusa_cli import runtime
+    from medusa_cli.runtime import heads as runtime
 
     original = runtime.CompiledHeads.get_tree_candidates
 
@@ -117,7 +117,7 @@ def test_verify_has_no_tree_section_without_a_tree(built):
 
 
 def test_bench_reports_rows_and_tree_cost(built):
-    from medusa_cli.tensor_cache import read_tensor_cache
+    from medusa_cli.packed.tensor_cache import read_tensor_cache
 
     result = invoke("bench", built["q0f32"], built["q0f32-params"], "--batch", "1,3", "--repeat", "3",
                     "--warmup", "1", "--json")
@@ -135,7 +135,7 @@ def test_bench_reports_rows_and_tree_cost(built):
 
 
 def test_timed_call_returns_the_logits_on_the_device(built):
-    from medusa_cli.runtime import load_heads
+    from medusa_cli.runtime.heads import load_heads
 
     heads = load_heads(built["q0f32"], built["q0f32-params"])
     hidden = np.random.default_rng(3).standard_normal((2, heads.config.hidden_size)).astype(np.float32)
@@ -151,7 +151,7 @@ def test_device_bandwidth_of_a_copy():
     2 x 64 MiB moved, at a rate a machine can have (0.1 GB/s to 10 TB/s)."""
     import tvm
 
-    from medusa_cli.bench import measure_device_bandwidth
+    from medusa_cli.commands.bench import measure_device_bandwidth
 
     assert 0.1 < measure_device_bandwidth(tvm.cpu(), nbytes=64 << 20, repeat=3) < 10_000
 

@@ -11,28 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medusa_cli import quant
-from medusa_cli.checkpoint import Checkpoint
-from medusa_cli.compile import CompileRequest, compile_heads
-from medusa_cli.convert import ConvertRequest, convert_checkpoint
+from medusa_cli import quantization as quant
+from medusa_cli.checkpoint.files import Checkpoint
+from medusa_cli.commands.compile import CompileRequest, compile_heads
+from medusa_cli.commands.convert import ConvertRequest, convert_checkpoint
 from medusa_cli.errors import InputError, ParamsError, VerificationFailed
-from medusa_cli.example import (
-    ExampleRequest,
-    iter_example_reference,
-    preset_config,
-    write_example,
-    write_safetensors,
-)
-from medusa_cli.oracle import HeadWeights, random_hidden, reference_logits
-from medusa_cli.runtime import load_heads
-from medusa_cli.verify import (
-    Bounds,
-    Thresholds,
-    VerifyRequest,
-    judge,
-    load_thresholds,
-    verify_heads,
-)
+from medusa_cli.checkpoint.safetensors import write_safetensors
+from medusa_cli.checkpoint.synthetic import iter_example_reference, preset_config
+from medusa_cli.commands.example import ExampleRequest, write_example
+from medusa_cli.verify.oracle import HeadWeights, random_hidden, reference_logits
+from medusa_cli.runtime.heads import load_heads
+from medusa_cli.commands.verify import VerifyRequest, verify_heads
+from medusa_cli.verify.judge import judge
+from medusa_cli.verify.thresholds import Bounds, Thresholds, load_thresholds
 from tests._verify_helpers import (
     Workshop,
     flip_byte,
@@ -249,13 +240,13 @@ def test_source_with_other_shapes_is_an_input_error(workshop, tmp_path):
     built = workshop.build("q0f32")
     with Checkpoint(built.ckpt) as ckpt:
         # the same heads with half the vocabulary
-        specs = [(name, array.shape, lambda array=array: array)
+        specs = [(name, array.shape, "float32", lambda array=array: array)
                  for name, array in ((n, ckpt.read(n)) for n in ckpt.names())]
-    specs = [(n, (128, 64), lambda make=make: make()[:128]) if shape == (256, 64) else (n, shape, make)
-             for n, shape, make in specs]
+    specs = [(n, (128, 64), d, lambda make=make: make()[:128]) if shape == (256, 64) else (n, shape, d, make)
+             for n, shape, d, make in specs]
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    write_safetensors(wrong / "model.safetensors", specs, "float32")
+    write_safetensors(wrong / "model.safetensors", specs)
     with pytest.raises(InputError, match=r"--source .*vocab 128; the library has .*vocab 256"):
         verify_heads(VerifyRequest(library=built.library, params_dir=built.params, source=wrong))
 

@@ -1,0 +1,1 @@
+"""Published Medusa head checkpoints: the layout table, the file readers, and the head plan."""

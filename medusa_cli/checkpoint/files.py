@@ -1,0 +1,223 @@
+"""A checkpoint as a set of weight files: found, opened lazily, read one tensor at a time.
+
+Only headers and pickles are read up front; tensor data is read by `Checkpoint.read`, so the
+base-model tensors mixed into a Medusa-2 file are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, first_line
+from .layouts import config_hint_values
+from .safetensors import FileRegion, SafetensorsFile, map_file_region
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# Shard indexes and config.json are small; a larger one is not what it claims to be.
+_MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def _regular_file(path: Path, what: str) -> None:
+    """Refuse anything but a regular file before opening it: a FIFO would block the open, a
+    device such as /dev/null reads as nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file; pass a {what}")
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """A small JSON file, size-capped and parsed with a one-line error naming it."""
+    _regular_file(path, what)
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "it nests too deep" if isinstance(exc, RecursionError) else first_line(exc)
+        raise CheckpointError(f"{path}: not a valid {what} ({reason})") from None
+
+
+def _open_file(path: Path):
+    _regular_file(path, "weights file")
+    if path.name.endswith(SAFETENSORS_SUFFIXES):
+        return SafetensorsFile(path)
+    if path.name.endswith(TORCH_SUFFIXES):
+        from .pytorch import TorchCheckpoint
+
+        return TorchCheckpoint(path)
+    raise CheckpointError(
+        f"{path}: unsupported weights file; expected .safetensors, .pt, .pth or .bin"
+    )
+
+
+def read_index(index_path: Path) -> dict[str, Path]:
+    """A shard index's weight_map: tensor name -> shard file, each shard a file in the index's
+    own folder (a name that leads elsewhere is refused)."""
+    data = read_json_file(index_path, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: not a valid shard index (no \"weight_map\" object "
+                              "from tensor names to shard files)")
+    folder = index_path.parent.resolve()
+    shards: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index_path}: weight_map['{name}'] is {shard!r:.60}, "
+                                  "expected a shard file name")
+        path = (index_path.parent / shard)
+        if os.path.isabs(shard) or path.resolve().parent != folder:
+            raise CheckpointError(
+                f"{index_path}: weight_map['{name}'] points to {shard!r}, outside the index's "
+                f"folder {index_path.parent}; shards must sit beside their index")
+        shards[name] = path
+    for path in dict.fromkeys(shards.values()):
+        if not path.is_file():
+            raise CheckpointError(
+                f"{index_path}: lists shard {path.name}, which is missing from {index_path.parent}")
+    return shards
+
+
+def discover_weight_files(src: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of a checkpoint (a single file, an index's shards, or a directory's
+    files) and the index they came from, if any. Safetensors are preferred over PyTorch files
+    when a directory holds both."""
+    src = Path(src)
+    try:
+        mode = os.stat(src).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{src}: no such file or directory") from None
+    except OSError as exc:
+        raise CheckpointError(f"{src}: cannot read it ({exc.strerror})") from None
+    if stat.S_ISREG(mode):
+        if src.name.endswith(".index.json"):
+            return list(dict.fromkeys(read_index(src).values())), src
+        return [src], None
+    if not stat.S_ISDIR(mode):
+        raise CheckpointError(f"{src}: neither a regular file nor a directory; pass a checkpoint "
+                              "directory, a weights file or a shard index")
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.pt.index.json"):
+        indexes = sorted(src.glob(pattern))
+        if indexes:
+            return list(dict.fromkeys(read_index(indexes[0]).values())), indexes[0]
+    for suffixes in (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES):
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(suffixes))
+        if files:
+            return files, None
+    raise CheckpointError(
+        f"{src}: no weights found (looked for *.safetensors, *.pt, *.pth, *.bin and shard indexes)"
+    )
+
+
+def read_config_hints(src: Path) -> tuple[Path | None, dict[str, Any]]:
+    """config.json beside the weights, under MedusaConfig's names (a hint, not the truth)."""
+    src = Path(src)
+    folder = src if src.is_dir() else src.parent
+    path = folder / "config.json"
+    if not path.is_file():
+        return None, {}
+    raw = read_json_file(path, "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return path, config_hint_values(raw)
+
+
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256 (the provenance convert records; for a file from the Hugging Face Hub
+    it is its LFS id); None if `stop` was set before it finished. Hashed through mapped windows:
+    no copies into Python buffers, and a bounded RSS."""
+    digest = hashlib.sha256()
+    window = 1 << 24
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, window):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(map_file_region(f.fileno(), start, min(window, size - start)))
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """All tensors of one checkpoint, across its files, read lazily."""
+
+    def __init__(self, src: Path):
+        self.src = Path(src)
+        self.files, index = discover_weight_files(self.src)
+        self._readers = []
+        self._where: dict[str, Any] = {}
+        try:
+            for path in self.files:
+                reader = _open_file(path)
+                self._readers.append(reader)
+                for name in reader.keys():
+                    if name in self._where:
+                        raise CheckpointError(
+                            f"tensor '{name}' appears in both {self._where[name].path} and {path}"
+                        )
+                    self._where[name] = reader
+            if index is not None:
+                self._check_index(index)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_index(self, index: Path) -> None:
+        """Every tensor the index names is in the shard it names."""
+        for name, shard in read_index(index).items():
+            reader = self._where.get(name)
+            if reader is None or reader.path != shard:
+                where = "in no shard" if reader is None else f"in {reader.path.name}"
+                raise CheckpointError(f"{index}: names tensor '{name}' in {shard.name}, but it is "
+                                      f"{where}; the index does not match its shards")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._where[name].shape(name))
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        elements = 1
+        for d in self.shape(name):
+            elements *= d
+        return elements * self.dtype(name).itemsize
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name].path
+
+    def read(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name)
+
+    def region(self, name: str) -> FileRegion | None:
+        """Where the tensor's bytes lie, as stored, in its file; None where they do not lie as
+        one run (PyTorch files are read through the zip reader)."""
+        source = self._where[name]
+        return source.region(name) if isinstance(source, SafetensorsFile) else None
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,330 @@
+"""`medusa verify`: a compiled heads library and its parameters against the float64 numpy oracle.
+
+The oracle reads the ORIGINAL checkpoint (any layout the converter accepts) head by head and
+never the packed directory, so a bug in conversion or compilation cannot hide in both. Each head
+is compared twice:
+  - with the reference: the weights the library should hold (dequantized, or rounded to the model
+    dtype), computed from the source. This is the compile (and conversion) error, held tightly;
+  - with the source weights themselves: quantization error plus compile error, held to looser
+    floors that depend on the scheme.
+Hidden states are rounded to the model dtype before both sides see them, so input rounding is not
+counted as error.
+
+Order: the library's metadata; the packed directory's integrity (packed.check: size and md5 of
+every shard, names, shapes and dtypes against the library's parameter list); then numerics. A
+damaged or mismatched directory is a failed verification (exit 1), like wrong numbers: the
+artifacts are wrong. Problems with the command itself (a missing path, bad flags, malformed
+--inputs) are InputErrors (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint.files import Checkpoint, read_config_hints, sha256_file
+from ..checkpoint.plan import iter_head_tensors, plan_conversion
+from ..dtypes import to_float64
+from ..errors import InputError, ParamsError
+from ..library import LibraryMetadata, read_library_metadata
+from ..packed.check import check_packed
+from ..packed.config import CONFIG_FILE, PackedConfig, read_packed_config
+from ..packed.tensor_cache import TensorCache, load_array, read_tensor_cache
+from ..quantization import QuantScheme, cast_to, dequantize_weight, get_scheme, quantized_names
+from ..runtime.heads import candidates_in_batches, load_heads, logits_in_batches
+from ..runtime.inputs import load_hidden_states
+from ..spec import MedusaConfig, head_specs
+from ..trees import build_buffers, generate_candidates
+from ..verify.judge import judge, tie_slack
+from ..verify.oracle import HIDDEN_STD, HeadWeights, dequantized_head, head_logits, random_hidden
+from ..verify.report import HeadReport, Integrity, SourceUsed, TreeReport, VerifyReport
+from ..verify.thresholds import OVERRIDES, REFERENCE, SOURCE, load_thresholds
+
+
+@dataclasses.dataclass
+class VerifyRequest:
+    library: Path
+    params_dir: Path
+    # original checkpoint; None: the one recorded in PARAMS_DIR/mlc-chat-config.json
+    source: Path | None = None
+    # base-model weights file holding lm_head.weight, when the source's heads have none
+    lm_head: Path | None = None
+    # cpu, cuda:0, ..., or auto (where the library runs)
+    device: str = "cpu"
+    # rows of seeded random hidden states; ignored with `inputs`
+    batch: int = 4
+    # .npy of hidden states [batch, hidden_size]; None: seeded random ones
+    inputs: Path | None = None
+    seed: int = 0
+    # top-k overlap's k
+    topk: int = 5
+    # threshold overrides; None keeps configs/thresholds.json's value for the scheme
+    rtol: float | None = None
+    atol: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    min_topk: float | None = None
+    source_rtol: float | None = None
+    source_min_cosine: float | None = None
+    source_min_top1: float | None = None
+
+    def overrides(self) -> dict[str, float | None]:
+        return {key: getattr(self, key) for key in OVERRIDES}
+
+
+
+
+def _check_integrity(params_dir: Path, metadata: LibraryMetadata) -> tuple[Integrity, TensorCache | None]:
+    """packed.check with md5, against the library's parameters; a failure is an Integrity, not
+    an error. A directory that is not a packed directory at all (no readable tensor-cache.json)
+    still raises ParamsError."""
+    cache = read_tensor_cache(params_dir)
+    integrity = Integrity(ok=True, shards=len(cache.shards), tensors=len(cache.tensors),
+                          bytes=cache.param_bytes)
+    try:
+        check_packed(params_dir, metadata.params, against="the library", md5=True, cache=cache,
+                     fix="pass the PARAMS_DIR this library was compiled from, or recompile it "
+                         "from this one")
+    except ParamsError as exc:
+        integrity.ok = False
+        integrity.error = str(exc)
+    return integrity, cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle's heads
+
+
+def _recorded_source(packed: PackedConfig, params_dir: Path) -> tuple[Path | None, list[str]]:
+    """The source checkpoint recorded by `medusa convert`, if it still exists, and warnings."""
+    config_path = params_dir / CONFIG_FILE
+    recorded = packed.source.get("path")
+    if not recorded:
+        return None, [
+            f"{config_path} records no source checkpoint; verifying against the packed weights "
+            "themselves, which cannot reveal conversion or quantization errors (pass --source CKPT)"
+        ]
+    path = Path(recorded)
+    if not path.exists():
+        return None, [
+            f"the source recorded in {config_path} ({path}) no longer exists; verifying against "
+            "the packed weights themselves, which cannot reveal conversion or quantization errors "
+            "(pass --source CKPT)"
+        ]
+    return path, []
+
+
+def _changed_source_files(packed: PackedConfig) -> list[str]:
+    """Warnings for recorded source files that are gone or whose sha256 no longer matches."""
+    warnings = []
+    for name, info in (packed.source.get("files") or {}).items():
+        if not Path(name).is_file():
+            warnings.append(f"source file {name}, recorded at conversion, is missing")
+        elif info.get("sha256") and sha256_file(Path(name)) != info["sha256"]:
+            warnings.append(
+                f"source file {name} changed since `medusa convert` (its sha256 differs from the "
+                "recorded one); verifying against its current contents"
+            )
+    return warnings
+
+
+def _lm_head_file(packed: PackedConfig, ckpt: Checkpoint) -> Path | None:
+    """The --lm-head file a conversion used: a recorded source file outside the checkpoint."""
+    own = {str(p.resolve()) for p in ckpt.files}
+    others = [Path(name) for name in (packed.source.get("files") or {}) if name not in own]
+    return others[0] if len(others) == 1 and others[0].is_file() else None
+
+
+def _plan_source(ckpt: Checkpoint, what: str, layout: str, config: MedusaConfig, lm_head_ckpt):
+    """The head plan of the source, limited to the library's heads, checked against its shapes.
+    `what` names the source in messages."""
+    _, hints = read_config_hints(ckpt.src)
+    plan, available = plan_conversion(ckpt, layout, None, lm_head_ckpt, hints)
+    found = (available, plan.num_layers, plan.hidden_size, plan.vocab_size)
+    wanted = (config.medusa_num_heads, config.medusa_num_layers, config.hidden_size, config.vocab_size)
+    if found[0] < wanted[0] or found[1:] != wanted[1:]:
+        raise InputError(
+            f"{what}: holds {found[0]} heads x {found[1]} layers, hidden {found[2]}, vocab "
+            f"{found[3]}; the library has {wanted[0]} x {wanted[1]}, hidden {wanted[2]}, vocab "
+            f"{wanted[3]}; pass the checkpoint the library was converted from"
+        )
+    if available > config.medusa_num_heads:  # converted with --num-heads
+        plan, _ = plan_conversion(ckpt, layout, config.medusa_num_heads, lm_head_ckpt, hints)
+    return plan
+
+
+def _heads(config: MedusaConfig, read: Callable[[str], np.ndarray]) -> Iterator[HeadWeights]:
+    """Each head in float64, one at a time; read(name) returns the unquantized tensor `name`
+    (spec.py's names: a ResBlock's weight and bias, then the vocab projection)."""
+    for head in head_specs(config):
+        layers = [(to_float64(read(linear.weight)), to_float64(read(linear.bias)))
+                  for linear in head.resblocks]
+        yield HeadWeights(layers=layers, lm_head=to_float64(read(head.lm_head.weight)))
+
+
+def _source_heads(plan, ckpt: Checkpoint, lm_head_ckpt: Checkpoint | None) -> Iterator[HeadWeights]:
+    """The source checkpoint's heads, read in the order iter_head_tensors streams them."""
+    stream = iter_head_tensors(plan, ckpt, lm_head_ckpt)
+
+    def read(name: str) -> np.ndarray:
+        got, array, *_ = next(stream)
+        if got != name:  # iter_head_tensors and spec.head_specs walk the heads in one order
+            raise RuntimeError(f"the head plan streamed '{got}' where '{name}' was due")
+        return array
+
+    return _heads(plan.config, read)
+
+
+def _packed_heads(params_dir: Path, cache: TensorCache, config: MedusaConfig,
+                  scheme: QuantScheme) -> Iterator[HeadWeights]:
+    """The heads as stored in the packed directory (dequantized), one at a time, in float64."""
+    records = cache.by_name()
+
+    def read(name: str) -> np.ndarray:
+        if name.endswith(".weight") and scheme.is_quantized:
+            q_weight, q_scale = (load_array(params_dir, records[n]) for n in quantized_names(name))
+            return dequantize_weight(q_weight, q_scale, scheme, config.hidden_size)
+        return load_array(params_dir, records[name])
+
+    return _heads(config, read)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify_heads
+
+
+def _hidden_states(request: VerifyRequest, config: MedusaConfig, dtype: str) -> tuple[np.ndarray, dict]:
+    """Hidden states in the model dtype, and how they were made."""
+    if request.inputs is not None:
+        hidden = load_hidden_states(request.inputs, config.hidden_size, dtype)
+        return hidden, {"kind": "file", "path": str(request.inputs), "batch": int(hidden.shape[0])}
+    if request.batch < 1:
+        raise InputError(f"--batch {request.batch}: must be at least 1")
+    hidden = cast_to(random_hidden(request.batch, config.hidden_size, request.seed), dtype)
+    return hidden, {"kind": "random", "batch": request.batch, "seed": request.seed, "std": HIDDEN_STD}
+
+
+def verify_heads(request: VerifyRequest) -> VerifyReport:
+    """Verify request.library with request.params_dir; a report whether it passes or fails.
+
+    Raises InputError/ParamsError (exit 2) only when verification cannot run as asked; a failing
+    library gives a report with verdict "fail" (see VerifyReport.raise_for_verdict).
+    """
+    started = time.perf_counter()
+    library, params_dir = Path(request.library), Path(request.params_dir)
+    if request.topk < 1:
+        raise InputError(f"--topk {request.topk}: must be at least 1")
+    if not params_dir.is_dir():
+        raise ParamsError(f"{params_dir}: not a directory; pass the PARAMS_DIR written by `medusa convert`")
+    if request.source is not None and not Path(request.source).exists():
+        raise InputError(f"--source {request.source}: no such file or directory")
+    if request.lm_head is not None and not Path(request.lm_head).exists():
+        raise InputError(f"--lm-head {request.lm_head}: no such file")
+    metadata = read_library_metadata(library, load=True)
+    config = metadata.config
+    scheme = get_scheme(metadata.quantization)
+    thresholds = load_thresholds(scheme.name, request.overrides())
+    packed = read_packed_config(params_dir)
+    hidden, inputs = _hidden_states(request, config, scheme.model_dtype)
+
+    def report(**fields) -> VerifyReport:
+        return VerifyReport(library=library, params_dir=params_dir, metadata=metadata,
+                            device=request.device, thresholds=thresholds,
+                            seconds=time.perf_counter() - started, **fields)
+
+    integrity, cache = _check_integrity(params_dir, metadata)
+    if not integrity.ok:
+        return report(integrity=integrity, source=None, inputs=inputs, heads=[], warnings=[])
+
+    with ExitStack() as stack:
+        warnings: list[str] = []
+        changed: Future | None = None
+        if request.source is not None:
+            source = SourceUsed("checkpoint", Path(request.source), "--source")
+        else:
+            recorded, warnings = _recorded_source(packed, params_dir)
+            if recorded is None:
+                source = SourceUsed("packed", params_dir, "packed weights")
+            else:
+                source = SourceUsed("checkpoint", recorded, f"recorded in {CONFIG_FILE}")
+                # hashed on a thread of its own while the heads run
+                pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256"))
+                changed = pool.submit(_changed_source_files, packed)
+
+        if source.kind == "checkpoint":
+            ckpt = stack.enter_context(Checkpoint(source.path))
+            lm_head = request.lm_head
+            if lm_head is None and request.source is None:
+                lm_head = _lm_head_file(packed, ckpt)
+            lm_head_ckpt = stack.enter_context(Checkpoint(lm_head)) if lm_head is not None else None
+            layout = "auto" if request.source is not None else packed.source.get("layout") or "auto"
+            what = f"--source {source.path}" if request.source is not None else \
+                f"the source recorded in {params_dir / CONFIG_FILE} ({source.path})"
+            plan = _plan_source(ckpt, what, layout, config, lm_head_ckpt)
+            source.layout = plan.layout.name
+            oracle_heads = _source_heads(plan, ckpt, lm_head_ckpt)
+        else:
+            oracle_heads = _packed_heads(params_dir, cache, config, scheme)
+
+        runtime = load_heads(library, params_dir, device=request.device)
+        compiled = logits_in_batches(runtime, hidden)
+        hidden64 = to_float64(hidden)
+        heads = []
+        references = []
+        for index, head in enumerate(oracle_heads):
+            from_source = None
+            if source.kind == "checkpoint":
+                from_source = head_logits(head, hidden64)
+                head = dequantized_head(head, scheme)
+            reference = head_logits(head, hidden64)
+            if runtime.has_tree and index < runtime.tree.depth:
+                references.append(reference)
+            del head
+            slack = tie_slack(reference, thresholds)
+            got = compiled[index]
+            heads.append(HeadReport(
+                head=index,
+                vs_reference=judge(got, reference, thresholds.reference, slack, request.topk, REFERENCE),
+                vs_source=None if from_source is None else
+                judge(got, from_source, thresholds.source, slack, request.topk, SOURCE),
+            ))
+        tree = _check_tree(runtime, scheme, hidden, compiled, references, request.seed) \
+            if runtime.has_tree else None
+        if changed is not None:
+            warnings += changed.result()
+    return report(integrity=integrity, source=source, inputs=inputs, heads=heads, warnings=warnings,
+                  tree=tree)
+
+
+# Base-model logits for the tree check: a realistic spread (std 3, like a 7B model's logits).
+_BASE_LOGITS_STD = 3.0
+
+
+def _check_tree(runtime, scheme: QuantScheme, hidden: np.ndarray, compiled: list[np.ndarray],
+                references: list[np.ndarray], seed: int) -> TreeReport:
+    tree, topk = runtime.tree, runtime.topk
+    buffers = build_buffers(tree, topk)
+    rng = np.random.default_rng([seed, 1])
+    base = (rng.standard_normal((hidden.shape[0], runtime.config.vocab_size)) * _BASE_LOGITS_STD).astype(np.float32)
+    got_tree, got_cart = candidates_in_batches(runtime, base, hidden)
+    own_tree, own_cart = generate_candidates(base, compiled[:tree.depth], buffers, topk)
+    self_mismatches = int(np.count_nonzero(got_tree != own_tree) + np.count_nonzero(got_cart != own_cart))
+    oracle_tree, _ = generate_candidates(base, references, buffers, topk)
+    depth_of_node = buffers.medusa_position_ids  # [nodes], 0 for the root
+    agreement = []
+    for depth in range(1, tree.depth + 1):
+        columns = depth_of_node == depth
+        agreement.append(float(np.mean(got_tree[:, columns] == oracle_tree[:, columns])))
+    return TreeReport(
+        name=tree.name,
+        nodes=tree.num_nodes,
+        oracle_agreement_per_depth=agreement,
+        oracle_exact_required=not scheme.is_quantized and scheme.model_dtype == "float32",
+        self_mismatches=self_mismatches,
+    )

@@ -1,0 +1,1 @@
+"""Benchmark and device tooling, outside the installed package; the Makefile drives it."""
