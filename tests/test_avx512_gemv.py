@@ -11,7 +11,7 @@ import tvm
 from tvm.target import codegen
 
 from medusa_cli import quantization as quant
-from medusa_cli.compiler import avx512_gemv, cpu_tasks
+from medusa_cli.compiler import avx512_gemv
 from medusa_cli.commands.compile import CompileRequest, compile_heads
 from medusa_cli.runtime.heads import configure_cpu_threads, load_heads
 from tests._params import make_params_dir, random_hidden, reference_logits, tiny_config
@@ -32,9 +32,7 @@ BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 11)
 def _kernel(scheme: quant.QuantScheme, in_features: int, out_features: int):
     func = avx512_gemv.gemv_kernel(in_features, out_features, scheme, scheme.model_dtype,
                                  scheme.model_dtype)
-    # as medusa compile builds it: tasks shared out among the threads at run time (cpu_tasks.py)
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST,
-                       tir_pipeline=cpu_tasks.register_pipeline())["main"]
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)["main"]
 
 
 # 4-bit layouts beyond the published schemes: groups of 8 and 16 (several per block of 128

@@ -259,8 +259,6 @@ def test_default_output_and_metadata(tmp_path):
     assert as_json["params_bytes"] == sum(np.prod(s) * 4 for _, s, _ in specs)
     # intermediates: one [max_batch, hidden] float32 buffer reused by every head
     assert meta.memory_usage == {"get_logits": 4 * meta.config.hidden_size * 4}
-    # CPU kernels share their parallel loops out at run time (cpu_tasks.py)
-    assert b"runtime.NumThreads" in result.output.read_bytes()
 
     # the MLC-LLM way: the library's _metadata function returns the same JSON
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.output)), tvm.cpu())

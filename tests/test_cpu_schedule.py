@@ -16,7 +16,6 @@ import tvm
 
 from medusa_cli import quantization as quant
 from medusa_cli.compiler import cpu_schedule
-from medusa_cli.runtime.heads import configure_cpu_threads
 
 # (scheme, hidden, vocab): odd sizes; in 96 splits into int4 words and 16-lane vectors, in 200
 # into int3 groups of 40; out 100 and 96 do not divide by every row count of TILE_SHAPE_*.

@@ -3,7 +3,6 @@ the runs they make, at tiny shapes."""
 
 from __future__ import annotations
 
-import pytest
 
 from medusa_cli.runtime.heads import configure_cpu_threads
 from tools import bench_kernels

@@ -23,8 +23,8 @@ weight.
 Plain weights keep the generic schedule: a table-free kernel of this shape for them measured
 the same at batch 1 (both at the memory floor) and 1.3x slower at batch 8.
 
-Parallel work is cut into CHUNKS tasks of consecutive output rows (`medusa compile` shares them
-out among the threads at run time: cpu_tasks.py). A task takes a step of rows at a time: full
+Parallel work is cut into CHUNKS tasks of consecutive output rows, which TVM's thread pool splits
+evenly among its threads. A task takes a step of rows at a time: full
 tiles of BATCH_TILE batch rows multiply a few output rows together (each x vector loaded once
 for all of them), and the batch rows left over go one at a time with more independent
 accumulators. The accumulators and scratch vectors are small buffers

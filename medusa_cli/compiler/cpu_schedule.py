@@ -16,9 +16,8 @@ registers. The recipe, per GEMV block:
      float32 partial sums per lane that live in registers; they are summed once per output.
      Unpacking a word is then a broadcast, a variable shift and a mask, and the scale index
      k // group is one value per word (a broadcast).
-  3. Rows. The output rows are the parallel loop, in steps of a few rows (each thread first
-     takes one contiguous run of them; medusa compile then lets threads take over a slower
-     one's unstarted runs: cpu_tasks.py); in a step, ko runs over the whole rows of W and every
+  3. Rows. The output rows are the parallel loop, in steps of a few rows (each thread takes
+     one contiguous run of them); in a step, ko runs over the whole rows of W and every
      batch row of the tile reads the same unpacked weights. TILE_SHAPE_* sets the step per tile.
   4. Small buffers. The partial sums go through a reindexed buffer indexed by the tile's own
      rows, so that their storage is a constant few hundred bytes per step (stack, registers

@@ -5,8 +5,7 @@ The build runs in two explicit stages:
   1. _optimize: FuseTransposeMatmul first, then legalize, fuse, the target's kernel schedules
      (cpu_schedule on CPUs, dlight on GPUs) and static memory planning with batch_size bounded
      by the config's max_batch_size;
-  2. tvm.relax.build with relax_pipeline=_finalize_pipeline(): the VM lowering passes; for CPU
-     targets, TVM's TIR pipeline then cpu_tasks.share_out_parallel_loops.
+  2. tvm.relax.build with relax_pipeline=_finalize_pipeline(): the VM lowering passes.
 Between them the planned memory is measured and a `_metadata` Relax function returning the
 metadata JSON is added, as MLC-LLM's compile does (library.py holds the metadata's format).
 """
@@ -23,7 +22,6 @@ from ..library import METADATA_FUNCTION, METADATA_SOURCE, LibraryMetadata, Libra
 from ..outputs import staged_file
 from ..quantization import QuantScheme
 from ..spec import MedusaConfig, ParamSpec, param_specs
-from . import cpu_tasks
 from .cuda import cuda_source_modules, fatbin_pack_imports
 from .model import MedusaModel, TreeSpec
 from .targets import ResolvedTarget
@@ -200,8 +198,6 @@ def compile_library(config: MedusaConfig, scheme: QuantScheme, target: ResolvedT
             executable = tvm.relax.build(
                 _with_metadata(optimized, metadata), target.target,
                 relax_pipeline=_finalize_pipeline(),
-                # CPU: parallel loops shared out among the threads at run time (cpu_tasks.py)
-                tir_pipeline="default" if target.is_gpu else cpu_tasks.register_pipeline(),
                 system_lib=output.suffix == ".tar",
             )
     except MedusaError:

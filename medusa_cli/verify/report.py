@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import VerificationFailed
 from ..library import LibraryMetadata
-from .judge import Comparison, finite_or_none
+from .judge import Comparison
 from .thresholds import Thresholds
 
 
