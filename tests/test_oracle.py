@@ -260,3 +260,19 @@ def test_random_hidden_scale_and_determinism():
     assert abs(states.mean()) < 0.01 * HIDDEN_STD
     with pytest.raises(InputError, match="batch"):
         random_hidden(0, 8, seed=0)
+
+
+@pytest.mark.parametrize("scheme_name", list(SCHEMES))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_logits_under_a_scheme_equal_those_of_the_dequantized_head(scheme_name, dtype):
+    """head_logits(head, x, scheme) streams each weight through the scheme a block of rows at a
+    time; it gives the logits of the materialized dequantized_head (vocab 600 spans three
+    blocks, the last one partial)."""
+    head = random_head(hidden=80, vocab=600, layers=2, seed=7)
+    head = HeadWeights(layers=[(w.astype(dtype), b.astype(dtype)) for w, b in head.layers],
+                       lm_head=head.lm_head.astype(dtype))
+    hidden = np.random.default_rng(3).standard_normal((3, 80))
+    scheme = SCHEMES[scheme_name]
+    streamed = head_logits(head, hidden, scheme)
+    whole = head_logits(dequantized_head(head, scheme), hidden)
+    np.testing.assert_allclose(streamed, whole, rtol=1e-12, atol=1e-12)

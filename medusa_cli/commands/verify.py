@@ -42,7 +42,7 @@ from ..runtime.inputs import load_hidden_states
 from ..spec import MedusaConfig, head_specs
 from ..trees import build_buffers, generate_candidates
 from ..verify.judge import judge, tie_slack
-from ..verify.oracle import HIDDEN_STD, HeadWeights, dequantized_head, head_logits, random_hidden
+from ..verify.oracle import HIDDEN_STD, HeadWeights, head_logits, random_hidden
 from ..verify.report import HeadReport, Integrity, SourceUsed, TreeReport, VerifyReport
 from ..verify.thresholds import OVERRIDES, REFERENCE, SOURCE, load_thresholds
 
@@ -160,12 +160,12 @@ def _plan_source(ckpt: Checkpoint, what: str, layout: str, config: MedusaConfig,
 
 
 def _heads(config: MedusaConfig, read: Callable[[str], np.ndarray]) -> Iterator[HeadWeights]:
-    """Each head in float64, one at a time; read(name) returns the unquantized tensor `name`
-    (spec.py's names: a ResBlock's weight and bias, then the vocab projection)."""
+    """Each head, one at a time, its arrays as read (the oracle takes them to float64 a block
+    at a time); read(name) returns the unquantized tensor `name` (spec.py's names: a
+    ResBlock's weight and bias, then the vocab projection)."""
     for head in head_specs(config):
-        layers = [(to_float64(read(linear.weight)), to_float64(read(linear.bias)))
-                  for linear in head.resblocks]
-        yield HeadWeights(layers=layers, lm_head=to_float64(read(head.lm_head.weight)))
+        layers = [(read(linear.weight), read(linear.bias)) for linear in head.resblocks]
+        yield HeadWeights(layers=layers, lm_head=read(head.lm_head.weight))
 
 
 def _source_heads(plan, ckpt: Checkpoint, lm_head_ckpt: Checkpoint | None) -> Iterator[HeadWeights]:
@@ -281,8 +281,9 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
             from_source = None
             if source.kind == "checkpoint":
                 from_source = head_logits(head, hidden64)
-                head = dequantized_head(head, scheme)
-            reference = head_logits(head, hidden64)
+                reference = head_logits(head, hidden64, scheme)  # the weights the library holds
+            else:
+                reference = head_logits(head, hidden64)
             if runtime.has_tree and index < runtime.tree.depth:
                 references.append(reference)
             del head

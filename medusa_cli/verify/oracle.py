@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..dtypes import to_float64
 from ..errors import InputError
 from ..quantization import QuantScheme, cast_to, dequantize_weight, quantize_weight
 
@@ -23,7 +24,8 @@ HIDDEN_STD = 1.5
 
 @dataclasses.dataclass
 class HeadWeights:
-    """One Medusa head in float64."""
+    """One Medusa head; its arrays in any float dtype (a checkpoint's own, memory-mapped), which
+    the oracle takes to float64 a block at a time."""
 
     # (weight [hidden, hidden], bias [hidden]) per ResBlock, in order
     layers: list[tuple[np.ndarray, np.ndarray]]
@@ -55,11 +57,41 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def _float64(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array).astype(np.float64, copy=False)
+    return to_float64(array) if np.asarray(array).dtype != np.float64 else np.asarray(array)
 
 
-def head_logits(head: HeadWeights, hidden: np.ndarray) -> np.ndarray:
-    """Logits [batch, vocab] in float64 of one head for hidden states [batch, hidden]."""
+# Rows of a weight brought to float64 at a time: 256 rows of 4096 are 8 MiB, converted and
+# multiplied while in cache, where a whole vicuna-7b vocab projection in float64 is 1 GiB of
+# fresh memory per head and pass (the oracle's time went mostly to those copies).
+_ROWS_PER_BLOCK = 256
+
+
+def _as_model_weight(weight: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Rows of a weight as the compiled module holds them, in float64: through quantize ->
+    dequantize, or rounded to the model dtype. Quantization is per row, so any block of rows
+    gives the rows of the whole."""
+    if scheme.is_quantized:
+        q_weight, q_scale = quantize_weight(weight, scheme)
+        return dequantize_weight(q_weight, q_scale, scheme, weight.shape[1]).astype(np.float64)
+    return cast_to(weight, scheme.model_dtype).astype(np.float64)
+
+
+def _times_transposed(x: np.ndarray, weight: np.ndarray, scheme: QuantScheme | None) -> np.ndarray:
+    """x @ weight.T in float64, block of rows by block of rows; with `scheme`, of the weight as
+    the module holds it under that scheme."""
+    out = np.empty((x.shape[0], weight.shape[0]))  # (batch, out)
+    for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
+        rows = weight[start:start + _ROWS_PER_BLOCK]
+        block = _float64(rows) if scheme is None else _as_model_weight(rows, scheme)
+        out[:, start:start + len(rows)] = x @ block.T
+    return out
+
+
+def head_logits(head: HeadWeights, hidden: np.ndarray, scheme: QuantScheme | None = None) -> np.ndarray:
+    """Logits [batch, vocab] in float64 of one head for hidden states [batch, hidden]. With
+    `scheme`, of the parameters the compiled module holds under it (each weight through
+    quantize -> dequantize or rounded to the model dtype, biases rounded): the same as
+    head_logits(dequantized_head(head, scheme), hidden), without a float64 copy of the head."""
     x = _float64(hidden)
     if x.ndim != 2:
         raise InputError(f"hidden states have shape {x.shape}, expected [batch, hidden]")
@@ -70,10 +102,11 @@ def head_logits(head: HeadWeights, hidden: np.ndarray) -> np.ndarray:
                 f"ResBlock {index} has weight {weight.shape} and bias {bias.shape}, "
                 f"expected ({size}, {size}) and ({size},) for hidden size {size}"
             )
-        x = x + silu(x @ _float64(weight).T + _float64(bias))  # (batch, hidden)
+        bias64 = _float64(bias) if scheme is None else cast_to(bias, scheme.model_dtype).astype(np.float64)
+        x = x + silu(_times_transposed(x, weight, scheme) + bias64)  # (batch, hidden)
     if head.lm_head.ndim != 2 or head.lm_head.shape[1] != size:
         raise InputError(f"lm_head has shape {head.lm_head.shape}, expected [vocab, {size}]")
-    return x @ _float64(head.lm_head).T  # (batch, vocab)
+    return _times_transposed(x, head.lm_head, scheme)  # (batch, vocab)
 
 
 def reference_logits(heads: Iterable[HeadWeights], hidden: np.ndarray) -> list[np.ndarray]:
@@ -82,20 +115,12 @@ def reference_logits(heads: Iterable[HeadWeights], hidden: np.ndarray) -> list[n
     return [head_logits(head, hidden) for head in heads]
 
 
-def _as_model_weight(weight: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """A weight as the compiled module sees it: through quantize -> dequantize, or rounded to
-    the model dtype."""
-    if scheme.is_quantized:
-        q_weight, q_scale = quantize_weight(weight, scheme)
-        return dequantize_weight(q_weight, q_scale, scheme, weight.shape[1]).astype(np.float64)
-    return cast_to(weight, scheme.model_dtype).astype(np.float64)
-
-
 def dequantized_head(head: HeadWeights, scheme: QuantScheme) -> HeadWeights:
     """The head with the parameters the compiled module holds under `scheme`, in float64.
 
     Comparing a module against this separates compile error from quantization error; comparing
-    this against the original head measures the quantization error alone.
+    this against the original head measures the quantization error alone. (head_logits with
+    `scheme` computes its logits without building it.)
     """
     layers = [
         (_as_model_weight(weight, scheme), cast_to(bias, scheme.model_dtype).astype(np.float64))
