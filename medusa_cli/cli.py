@@ -333,6 +333,7 @@ def convert(
         "**Examples**\n\n"
         "    medusa tree mc_sim_7b_63 -o buffers.npz\n\n"
         "    medusa tree mc_sim_7b_63 --accuracy accuracy.json --plot tree.svg\n\n"
+        "    medusa tree tree.json --ranks held-out.ranks.npy --json\n\n"
         "    medusa tree my_tree.json --topk 8 --json"
     )
 )
@@ -343,6 +344,7 @@ def tree(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the buffers to this .npz file."),
     accuracy: Optional[Path] = typer.Option(None, help="Per-rank accuracy of each head (`medusa eval -o` JSON or heads_accuracy.pt): report the expected acceptance length."),
     plot: Optional[Path] = typer.Option(None, help="Draw the tree to this .svg (each node's rank and, with --accuracy, the chance it is accepted)."),
+    ranks: Optional[Path] = typer.Option(None, help="The NAME.ranks.npy `medusa eval -o` wrote: report the acceptance measured on that data."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -351,7 +353,8 @@ def tree(
 
     with _handle_errors(verbose):
         result = describe_tree(TreeRequest(choices=choices, topk=topk, num_heads=num_heads,
-                                           output=output, accuracy=accuracy, plot=plot))
+                                           output=output, accuracy=accuracy, plot=plot,
+                                           ranks=ranks))
     summary = result.to_dict()
     if json_out:
         _emit_json(summary)
@@ -367,6 +370,9 @@ def tree(
     ]
     if result.expected_acceptance_length is not None:
         rows.append(("expected acceptance length", f"{result.expected_acceptance_length:.4f}"))
+    if result.measured_acceptance_length is not None:
+        rows.append(("measured acceptance length",
+                     f"{result.measured_acceptance_length:.4f} ({result.positions:,} positions)"))
     if result.output is not None:
         rows.append(("buffers", str(result.output)))
     if result.plot is not None:
@@ -453,7 +459,7 @@ def eval_command(
     for column in ("head", "samples", "top-1", f"top-{k}"):
         table.add_column(column, justify="right")
     if result.oracle is not None:
-        for column in ("oracle top-1", f"oracle top-{k}", f"top-{k} lost"):
+        for column in ("oracle top-1", f"oracle top-{k}", f"lost top-1/{k}"):
             table.add_column(column, justify="right")
     for index, head in enumerate(result.heads):
         low, high = head.to_dict()["top_k_interval"][-1]
@@ -462,7 +468,8 @@ def eval_command(
         if result.oracle is not None:
             truth = result.oracle[index]
             cells += [_percent(truth.top_k[0]), _percent(truth.top_k[-1]),
-                      _percent(truth.top_k[-1] - head.top_k[-1])]
+                      f"{_percent(truth.top_k[0] - head.top_k[0])}/"
+                      f"{_percent(truth.top_k[-1] - head.top_k[-1])}"]
         table.add_row(*cells)
     err.print(table)
     if result.source is not None:

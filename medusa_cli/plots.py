@@ -95,7 +95,9 @@ def tree_svg(paths: Sequence[TreePath], probability: dict[TreePath, float] | Non
             p = None if probability is None else probability.get(node)
             label = f"rank {node[-1]}" + ("" if p is None else f"  p={p:.3f}")
             shade = 0.0 if p is None else p
-        # white to the first head colour by probability; dark text on light boxes
+        # white to the first head colour by probability (its square root, so that the many
+        # small probabilities stay apart); dark text on light boxes
+        shade = shade ** 0.5
         fill = _mix("#ffffff", _COLOURS[0], shade)
         ink = "#ffffff" if shade > 0.55 else "#1f2933"
         body.append(f"<g><title>{escape(str(list(node)))}</title>")  # the path, on hover

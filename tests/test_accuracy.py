@@ -273,3 +273,18 @@ def test_non_finite_hidden_rows_are_named_when_streamed(tmp_path):
     data = EvalData(write_set(tmp_path, "dir", hidden, np.zeros(9, int)), 2, 4)
     with pytest.raises(InputError, match=r"row 7 holds NaN or Inf"):
         list(data.hidden_batches(4))
+
+
+def test_reads_a_list_torch_saves(tmp_path):
+    """heads_accuracy.py's own output: torch.save of a list of bool tensors, some of them views."""
+    torch = pytest.importorskip("torch")
+    topk = torch.arange(60).reshape(20, 3) % 7
+    truth = torch.arange(20) % 7
+    first = topk[:-1] == truth[1:, None]  # [19, 3], at most one True per row
+    saved = [first[:, :2], topk[:-2, :2] == truth[2:, None]]  # a strided view, a whole tensor
+    path = tmp_path / "heads_accuracy.pt"
+    torch.save(saved, path)
+    for got, expected in zip(load_tensor_list(path), saved):
+        np.testing.assert_array_equal(got, expected.numpy())
+    table = load_accuracy(path)
+    np.testing.assert_allclose(table.accuracy[1], saved[1].float().mean(0).numpy())

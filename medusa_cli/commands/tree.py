@@ -13,9 +13,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..outputs import write_together
 from ..plots import tree_svg
-from ..tree_search import expected_acceptance, path_probability
+from ..tree_search import RankCounts, expected_acceptance, path_probability
 from ..trees import DEFAULT_TOPK, MedusaTree, build_buffers, describe, load_tree
-from ..verify.accuracy import load_accuracy
+from ..verify.accuracy import load_accuracy, load_ranks
 
 
 @dataclasses.dataclass
@@ -31,6 +31,8 @@ class TreeRequest:
     accuracy: Path | None = None
     # .svg of the tree
     plot: Path | None = None
+    # `medusa eval`'s NAME.ranks.npy: add the acceptance measured on that data
+    ranks: Path | None = None
 
 
 @dataclasses.dataclass
@@ -42,9 +44,14 @@ class TreeResult:
     expected_acceptance_length: float | None
     output: Path | None
     plot: Path | None
+    # with ranks: the mean accepted length on the data, over that many positions
+    measured_acceptance_length: float | None = None
+    positions: int | None = None
 
     def to_dict(self) -> dict:
-        extra = {"expected_acceptance_length": self.expected_acceptance_length}
+        extra = {"expected_acceptance_length": self.expected_acceptance_length,
+                 "measured_acceptance_length": self.measured_acceptance_length,
+                 "positions": self.positions}
         if self.output is not None:
             extra["output"] = str(self.output)
         if self.plot is not None:
@@ -62,6 +69,10 @@ def describe_tree(request: TreeRequest) -> TreeResult:
         table = load_accuracy(request.accuracy)
         expected = expected_acceptance(tree.paths, table, what=f"tree '{tree.name}'")
         probability = {p: path_probability(p, table.accuracy) for p in tree.paths}
+    measured = counts = None
+    if request.ranks is not None:
+        counts = RankCounts(load_ranks(request.ranks), tree.depth, source=f"--ranks {request.ranks}")
+        measured = counts.measured_acceptance(tree.paths)
     if request.plot is not None:
         title = f"tree {tree.name}: {len(tree.paths)} paths"
         if expected is not None:
@@ -73,4 +84,6 @@ def describe_tree(request: TreeRequest) -> TreeResult:
             raise InputError(f"--plot {request.plot}: cannot write it ({exc.strerror or exc})") from None
     output = buffers.to_npz(request.output) if request.output is not None else None
     return TreeResult(tree=tree, topk=request.topk, summary=describe(tree, request.topk),
-                      expected_acceptance_length=expected, output=output, plot=request.plot)
+                      expected_acceptance_length=expected, output=output, plot=request.plot,
+                      measured_acceptance_length=measured,
+                      positions=None if counts is None else counts.rows)
