@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -104,9 +105,11 @@ def accuracy_table(values, source: str, samples: Sequence[int] | None = None) ->
             "1; \"accuracy\" holds how often each rank alone is right (not cumulative top-k), "
             "as `medusa eval` writes it")
     if samples is not None:
-        samples = tuple(int(s) for s in samples)
-        if len(samples) != table.shape[0] or min(samples) < 0:
+        if len(samples) != table.shape[0] or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
+                for s in samples):
             raise InputError(f"{source}: \"samples\" must give one count >= 0 per head")
+        samples = tuple(int(s) for s in samples)
     table.setflags(write=False)
     return AccuracyTable(accuracy=table, source=source, samples=samples)
 
@@ -242,35 +245,33 @@ def optimal_paths(table: AccuracyTable, nodes: int,
 
 def greedy_paths(table: AccuracyTable, nodes: int, limits: SearchLimits) -> list[TreePath]:
     """FasterDecoding's explore_graph: from [0], repeatedly add the heaviest of the accepted
-    paths' next siblings and first children (the first found wins a tie), in the order it adds
-    them. Where explore_graph would stop (no candidate above zero) this one goes on with the
-    first zero-weight candidate; where no candidate is left at all it raises."""
+    paths' next siblings and first children, the first in its scan order (accepted paths in
+    order, each's sibling before its child) winning a tie; in the order it adds them. Each
+    candidate arises from one path only, so a heap keyed by (-weight, scan position) gives the
+    same choices in O(N log N). Where explore_graph would stop (no candidate above zero) this
+    goes on with zero-weight candidates."""
     if nodes < 1:
         raise InputError(f"--nodes {nodes}: a tree needs at least one path")
+    if nodes > limits.capacity:
+        raise InputError(f"--nodes {nodes}: only {limits.capacity} paths fit these limits")
     accuracy = table.accuracy
-    chosen: list[TreePath] = [(0,)]
-    taken = {(0,)}
-    while len(chosen) < nodes:
-        best, best_weight = None, -1.0
-        for path in chosen:
-            candidates = []
-            if path[-1] + 1 < limits.max_child[len(path) - 1]:
-                candidates.append(path[:-1] + (path[-1] + 1,))
-            if len(path) < limits.max_depth:
-                candidates.append(path + (0,))
-            for candidate in candidates:
-                if candidate in taken:
-                    continue
-                weight = path_probability(candidate, accuracy)
-                if weight > best_weight:
-                    best, best_weight = candidate, weight
-        if best is None:
-            raise InputError(
-                f"--nodes {nodes}: FasterDecoding's greedy search runs out of candidates after "
-                f"{len(chosen)} paths within these limits")
-        chosen.append(best)
-        taken.add(best)
-    return chosen
+    chosen: list[TreePath] = []
+    # (-weight, scan position, path): the k-th accepted path's sibling is scanned at 2k, its
+    # child at 2k + 1
+    candidates: list[tuple[float, int, TreePath]] = []
+    path: TreePath = (0,)
+    while True:
+        position = 2 * len(chosen)
+        chosen.append(path)
+        if len(chosen) == nodes:
+            return chosen
+        if path[-1] + 1 < limits.max_child[len(path) - 1]:
+            sibling = path[:-1] + (path[-1] + 1,)
+            heapq.heappush(candidates, (-path_probability(sibling, accuracy), position, sibling))
+        if len(path) < limits.max_depth:
+            child = path + (0,)
+            heapq.heappush(candidates, (-path_probability(child, accuracy), position + 1, child))
+        path = heapq.heappop(candidates)[2]
 
 
 # --------------------------------------------------------------------------- on data
@@ -315,22 +316,20 @@ class RankCounts:
             parent = np.zeros(self.rows, dtype=np.int64)
             parent[alive] = inverse.reshape(-1)
 
-    def _node(self, path: TreePath) -> tuple[int, int] | None:
-        """(node id, count) of a path, None when no row starts with it."""
-        node = 0
-        found = None
-        for depth, rank in enumerate(path):
-            if depth >= self.max_depth:
-                return None
-            found = self._levels[depth].get((node, rank))
-            if found is None:
-                return None
-            node = found[0]
-        return found
+    def child(self, node: int | None, depth: int, rank: int) -> tuple[int, int | None]:
+        """(count, node id) of the path that extends trie node `node` (a path of length
+        `depth`; 0 is the root) by `rank`; (0, None) when no row starts with it."""
+        found = None if node is None else self._levels[depth].get((node, rank))
+        return (0, None) if found is None else (found[1], found[0])
 
     def count(self, path: TreePath) -> int:
-        found = self._node(path)
-        return 0 if found is None else found[1]
+        """c(path): the counted rows that start with `path`."""
+        if len(path) > self.max_depth:
+            return 0
+        count, node = 0, 0
+        for depth, rank in enumerate(path):
+            count, node = self.child(node, depth, rank)
+        return count
 
     def measured_acceptance(self, paths: Iterable[TreePath]) -> float:
         """1 + the mean over counted rows of the tree paths each row starts with: the
@@ -350,10 +349,4 @@ def optimal_paths_on_data(counts: RankCounts, nodes: int,
     if counts.max_depth < limits.max_depth:
         raise InputError(f"ranks were counted to depth {counts.max_depth}, the search goes to "
                          f"{limits.max_depth}")
-    levels = counts._levels
-
-    def child_of(node, depth, rank):
-        found = None if node is None else levels[depth].get((node, rank))
-        return (0, None) if found is None else (found[1], found[0])
-
-    return [(path, int(weight)) for path, weight in _best_first(nodes, limits, 0, child_of)]
+    return [(path, int(weight)) for path, weight in _best_first(nodes, limits, 0, counts.child)]

@@ -254,6 +254,9 @@ def test_bad_evaluation_sets_name_the_array(tmp_path, hidden, tokens, sequence, 
 
 
 def test_evaluation_set_files_are_checked(tmp_path):
+    with pytest.raises(InputError, match=r"x\.npz: no such file or directory"):
+        EvalData(tmp_path / "x.npz", 2, 4)
+    (tmp_path / "x.npy").write_bytes(b"")
     with pytest.raises(InputError, match=r"expected an \.npz file or a directory"):
         EvalData(tmp_path / "x.npy", 2, 4)
     folder = tmp_path / "d"

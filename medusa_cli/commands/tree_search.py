@@ -32,7 +32,7 @@ from ..tree_search import (
     path_probability,
     search_limits,
 )
-from ..trees import DEFAULT_TOPK, TreePath, validate_paths
+from ..trees import DEFAULT_TOPK, TreePath
 from ..verify.accuracy import load_accuracy, load_ranks
 
 # the objective searched: the model's expectation, or what the data accepts
@@ -177,7 +177,6 @@ def tree_file_text(name: str, source: str, paths: list[TreePath], **figures) -> 
 
 
 def _write_outputs(result: TreeSearchResult, table: AccuracyTable) -> None:
-    validate_paths(result.paths, result.topk, source="the searched tree")  # prefix-closed
     writes = []
     point = result.curve[-1]
     if result.output is not None:

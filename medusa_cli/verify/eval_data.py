@@ -67,6 +67,8 @@ def _read_whole(member: _Member) -> np.ndarray:
 
 def _members(path: Path) -> dict[str, _Member]:
     """The set's arrays by name, from an .npz or a directory of .npy files."""
+    if not path.exists():
+        raise InputError(f"--data {path}: no such file or directory; {_FIX}")
     if path.is_dir():
         found = {}
         for name in ARRAYS:
