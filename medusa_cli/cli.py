@@ -182,7 +182,8 @@ def _key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     epilog=(
         "**Examples**\n\n"
         "    medusa example out/ckpt --preset tiny --layout medusa1\n\n"
-        "    medusa example out/v7b --preset vicuna-7b --layout medusa2 --dtype float16 --shards 2"
+        "    medusa example out/v7b --preset vicuna-7b --layout medusa2 --dtype float16 --shards 2\n\n"
+        "    medusa example out/evalckpt --preset eval-tiny --eval-set out/eval.npz"
     )
 )
 def example(

@@ -177,3 +177,13 @@ def test_eval_plot_is_well_formed(bench, tmp_path):
     lines = list(_svg(picture).iter(f"{SVG}polyline"))
     assert len(lines) == 8  # 4 heads, library and oracle
     assert all(len(line.get("points").split()) == 5 for line in lines)
+
+
+def test_help_has_examples():
+    for command, example in (("eval", "medusa eval heads.so"),
+                             ("tree-search", "medusa tree-search --accuracy"),
+                             ("tree", "--accuracy accuracy.json"),
+                             ("example", "--eval-set")):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Examples" in result.stdout
+        assert example in result.stdout

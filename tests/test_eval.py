@@ -190,3 +190,16 @@ def test_the_oracle_falls_back_to_the_packed_weights_with_a_warning(bench, tmp_p
     again = evaluate_heads(EvalRequest(copy / "heads.so", copy, data=bench.eval_set, source=ckpt))
     assert again.source.kind == "checkpoint" and again.source.origin == "--source"
     assert [h.per_rank for h in again.oracle] == [h.per_rank for h in result.oracle]
+
+
+def test_an_oracle_source_of_other_heads_is_refused_before_any_pass(bench, tmp_path):
+    from medusa_cli.commands.example import ExampleRequest, write_example
+
+    library, params = bench.build("q0f32")
+    other = write_example(ExampleRequest(output=tmp_path / "tiny", preset="tiny")).output
+    seen = []
+    with pytest.raises(InputError, match=r"--source .*tiny: holds 3 heads x 1 layers, hidden 64"):
+        evaluate_heads(EvalRequest(library, params, data=bench.eval_set, source=other,
+                                   output=tmp_path / "a.json"),
+                       progress=lambda done, total: seen.append(done))
+    assert seen == [] and not (tmp_path / "a.json").exists()

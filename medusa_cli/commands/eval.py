@@ -207,22 +207,23 @@ def evaluate_heads(request: EvalRequest, progress: Progress | None = None) -> Ev
             return lambda done: None
         return lambda done: progress(offset + done, total)
 
-    runtime = load_heads(library, params_dir, device=request.device)
-    ranks = _library_ranks(runtime, data, labels, request.top_k, report_from(0))
-    del runtime
     oracle = source = None
-    if request.oracle:
-        packed = read_packed_config(params_dir)
-        cache = read_tensor_cache(params_dir)
-        with ExitStack() as stack:
-            opened = open_oracle_heads(stack, params_dir, packed, config,
-                                       get_scheme(metadata.quantization), cache,
-                                       request.source, request.lm_head)
+    with ExitStack() as stack:
+        opened = None
+        if request.oracle:  # the source is resolved (and its shapes checked) before any pass
+            opened = open_oracle_heads(stack, params_dir, read_packed_config(params_dir), config,
+                                       get_scheme(metadata.quantization),
+                                       read_tensor_cache(params_dir), request.source,
+                                       request.lm_head)
             source = opened.source
+        runtime = load_heads(library, params_dir, device=request.device)
+        ranks = _library_ranks(runtime, data, labels, request.top_k, report_from(0))
+        del runtime
+        if opened is not None:
             oracle_ranks = _oracle_ranks(opened.heads, data, labels, request.top_k,
                                          config.vocab_size, report_from(data.positions))
+            oracle = head_accuracies(oracle_ranks, request.top_k)
             warnings += opened.finish()
-        oracle = head_accuracies(oracle_ranks, request.top_k)
 
     result = EvalResult(
         library=library, params_dir=params_dir, quantization=metadata.quantization,
