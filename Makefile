@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # End to end on a small generated checkpoint: example, then `medusa build` (convert -> compile
-# -> verify against the numpy oracle, one JSON report), then what it built.
+# -> verify against the numpy oracle, one JSON report), then what it built. Then heads built
+# with a seeded evaluation set whose accuracies are known: eval -> tree-search -> compile --tree.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/medusa example $(DEMO)/ckpt --preset tiny --layout medusa1 --seed 0
@@ -24,6 +25,17 @@ demo: setup
 	$(BIN)/medusa inspect $(DEMO)/build/params
 	$(BIN)/medusa inspect $(DEMO)/build/medusa-llvm-q4f16_1.so
 	$(BIN)/medusa verify $(DEMO)/build/medusa-llvm-q4f16_1.so $(DEMO)/build/params
+	$(BIN)/medusa example $(DEMO)/eval-ckpt --preset eval-tiny --seed 0 --eval-set $(DEMO)/eval.npz
+	$(BIN)/medusa build $(DEMO)/eval-ckpt --target llvm --quantization q4f16_1 -o $(DEMO)/eval-build
+	$(BIN)/medusa eval $(DEMO)/eval-build/medusa-llvm-q4f16_1.so $(DEMO)/eval-build/params \
+	  --data $(DEMO)/eval.npz -o $(DEMO)/accuracy.json --plot $(DEMO)/accuracy.svg
+	$(BIN)/medusa tree mc_sim_7b_63 --accuracy $(DEMO)/accuracy.json
+	$(BIN)/medusa tree-search --accuracy $(DEMO)/accuracy.json --ranks $(DEMO)/accuracy.ranks.npy \
+	  --nodes 8,16,32,64
+	$(BIN)/medusa tree-search --accuracy $(DEMO)/accuracy.json --nodes 32 -o $(DEMO)/tree.json \
+	  --plot $(DEMO)/tree.svg
+	$(BIN)/medusa compile $(DEMO)/eval-build/params --target llvm --tree $(DEMO)/tree.json \
+	  -o $(DEMO)/eval-build/medusa-llvm-q4f16_1-tree.so
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -182,7 +182,8 @@ def _key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     epilog=(
         "**Examples**\n\n"
         "    medusa example out/ckpt --preset tiny --layout medusa1\n\n"
-        "    medusa example out/v7b --preset vicuna-7b --layout medusa2 --dtype float16 --shards 2"
+        "    medusa example out/v7b --preset vicuna-7b --layout medusa2 --dtype float16 --shards 2\n\n"
+        "    medusa example out/evalckpt --preset eval-tiny --eval-set out/eval.npz"
     )
 )
 def example(
@@ -194,6 +195,8 @@ def example(
     file_format: Optional[str] = typer.Option(None, "--format", help="safetensors or pt (default: what the layout's project publishes)."),
     shards: int = typer.Option(1, help="Split the weights into this many files with an index."),
     bias: bool = typer.Option(True, "--bias/--no-bias", help="ResBlocks with or without bias."),
+    eval_set: Optional[Path] = typer.Option(None, "--eval-set", help="Also write an evaluation set (.npz of hidden, tokens, sequence) whose head accuracies are known by construction, for `medusa eval`; the heads are built for it (--preset eval-tiny)."),
+    eval_positions: int = typer.Option(1024, help="Positions in the --eval-set, in sequences of 64."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
@@ -205,6 +208,7 @@ def example(
         result = write_example(ExampleRequest(
             output=output, layout=layout, preset=preset, dtype=dtype, seed=seed,
             file_format=file_format, shards=shards, bias=bias, force=force,
+            eval_set=eval_set, eval_positions=eval_positions,
         ))
     if json_out:
         _emit_json(result.to_dict())
@@ -215,6 +219,10 @@ def example(
         f"({c.medusa_num_heads} heads x {c.medusa_num_layers} layers, hidden {c.hidden_size}, "
         f"vocab {c.vocab_size}), {len(result.files)} files, {_human_bytes(result.total_bytes)}"
     )
+    if result.eval_set is not None:
+        top1 = ", ".join(f"{row[0]:.2f}" for row in result.designed_accuracy)
+        err.print(f"[green]wrote[/] {escape(str(result.eval_set))}: {result.eval_positions} "
+                  f"positions; designed top-1 accuracy per head {top1}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,8 +328,13 @@ def convert(
 
 @app.command(
     epilog=(
+        "With --accuracy (`medusa eval`'s JSON or FasterDecoding's heads_accuracy.pt), also the "
+        "expected acceptance length: 1 + the sum over paths of the product of per-rank "
+        "accuracies along the path, the tokens a step accepts on average.\n\n"
         "**Examples**\n\n"
         "    medusa tree mc_sim_7b_63 -o buffers.npz\n\n"
+        "    medusa tree mc_sim_7b_63 --accuracy accuracy.json --plot tree.svg\n\n"
+        "    medusa tree tree.json --ranks held-out.ranks.npy --json\n\n"
         "    medusa tree my_tree.json --topk 8 --json"
     )
 )
@@ -330,19 +343,20 @@ def tree(
     topk: int = typer.Option(10, help="Candidates per head (each path index must be below this)."),
     num_heads: Optional[int] = typer.Option(None, help="Refuse trees deeper than this many heads."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the buffers to this .npz file."),
+    accuracy: Optional[Path] = typer.Option(None, help="Per-rank accuracy of each head (`medusa eval -o` JSON or heads_accuracy.pt): report the expected acceptance length."),
+    plot: Optional[Path] = typer.Option(None, help="Draw the tree to this .svg (each node's rank and, with --accuracy, the chance it is accepted)."),
+    ranks: Optional[Path] = typer.Option(None, help="The NAME.ranks.npy `medusa eval -o` wrote: report the acceptance measured on that data."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Build the Medusa tree buffers (attention mask, tree/retrieve indices, position ids)."""
-    from .trees import build_buffers, describe, load_tree
+    from .commands.tree import TreeRequest, describe_tree
 
     with _handle_errors(verbose):
-        medusa_tree = load_tree(choices, topk=topk, num_heads=num_heads)
-        buffers = build_buffers(medusa_tree, topk)
-        written = buffers.to_npz(output) if output is not None else None
-        summary = describe(medusa_tree, topk)
-    if written is not None:
-        summary["output"] = str(written)
+        result = describe_tree(TreeRequest(choices=choices, topk=topk, num_heads=num_heads,
+                                           output=output, accuracy=accuracy, plot=plot,
+                                           ranks=ranks))
+    summary = result.to_dict()
     if json_out:
         _emit_json(summary)
         return
@@ -355,9 +369,192 @@ def tree(
         ("cartesian candidates", "x".join(map(str, summary["candidates"]["cartesian"]))),
         ("top-k", topk),
     ]
-    if written is not None:
-        rows.append(("buffers", str(written)))
+    if result.expected_acceptance_length is not None:
+        rows.append(("expected acceptance length", f"{result.expected_acceptance_length:.4f}"))
+    if result.measured_acceptance_length is not None:
+        rows.append(("measured acceptance length",
+                     f"{result.measured_acceptance_length:.4f} ({result.positions:,} positions)"))
+    if result.output is not None:
+        rows.append(("buffers", str(result.output)))
+    if result.plot is not None:
+        rows.append(("plot", str(result.plot)))
     err.print(_key_value_table(f"tree {summary['name']}", rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa eval
+
+
+@contextlib.contextmanager
+def _count_progress(description: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar counting `unit`s on stderr, where stderr is a terminal; yields
+    update(done, total)."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+@app.command(
+    name="eval",
+    epilog=(
+        "DATA: hidden [T, hidden_size] (the base model's last hidden state after its final "
+        "norm, the heads' input), tokens [T] (the base model's greedy token at each position) "
+        "and optionally sequence [T] (positions of different sequences never pair), as one "
+        ".npz or a directory of hidden.npy, tokens.npy, sequence.npy; README shows how to dump "
+        "them with transformers. Head i at position t is right at rank r when its r-th ranked "
+        "token is tokens[t + i + 1] (FasterDecoding's convention).\n\n"
+        "Reports per head the per-rank accuracy, the cumulative top-k and 95% Wilson intervals, "
+        "for the library and for the float64 oracle of the original checkpoint (as `medusa "
+        "verify` reads it), so the difference is what quantization cost. -o also writes "
+        "NAME.ranks.npy beside the JSON: the rank of the right token at every (position, head), "
+        "-1 outside the top K, -2 without a right token, for `medusa tree-search --ranks`.\n\n"
+        "**Examples**\n\n"
+        "    medusa eval heads.so out/params --data eval.npz -o accuracy.json\n\n"
+        "    medusa eval heads.so out/params --data dump/ --top-k 20 --plot accuracy.svg --json"
+    ),
+)
+def eval_command(
+    library: Path = typer.Argument(..., help="Library built by `medusa compile`."),
+    params_dir: Path = typer.Argument(..., help="Its packed parameter directory."),
+    data: Path = typer.Option(..., help=".npz of hidden, tokens[, sequence], or a directory of hidden.npy, tokens.npy[, sequence.npy]."),
+    top_k: int = typer.Option(10, "--top-k", help="Ranks counted per head (Medusa's TOPK)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Accuracy JSON to write (ranks beside it as NAME.ranks.npy)."),
+    plot: Optional[Path] = typer.Option(None, help="Draw each head's top-k accuracy, library against oracle, to this .svg."),
+    device: str = typer.Option("cpu", help="cpu, cuda:0, ... or auto (where the library runs)."),
+    source: Optional[Path] = typer.Option(None, help="Original checkpoint for the oracle (default: the one recorded in PARAMS_DIR)."),
+    lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, as given to `medusa convert --lm-head`."),
+    oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Also rank with the float64 oracle (a pass over DATA per head)."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Measure how often each head's top-k holds the right token, on real hidden states."""
+    from .commands.eval import EvalRequest, evaluate_heads
+
+    request = EvalRequest(library=library, params_dir=params_dir, data=data, top_k=top_k,
+                          output=output, plot=plot, device=device, source=source,
+                          lm_head=lm_head, oracle=oracle)
+    with _handle_errors(verbose), _count_progress("evaluating", "positions") as update:
+        result = evaluate_heads(request, progress=update)
+    for warning in result.warnings:
+        _warn(warning)
+    if json_out:
+        _emit_json(result.to_dict())
+        return
+    k = result.top_k
+    table = Table(title=f"eval {library.name} ({result.quantization}) on {result.data['positions']:,} "
+                        f"positions; accuracy % (95% interval)", title_justify="left")
+    for column in ("head", "samples", "top-1", f"top-{k}"):
+        table.add_column(column, justify="right")
+    if result.oracle is not None:
+        for column in ("oracle top-1", f"oracle top-{k}", f"lost top-1/{k}"):
+            table.add_column(column, justify="right")
+    for index, head in enumerate(result.heads):
+        low, high = head.to_dict()["top_k_interval"][-1]
+        cells = [str(head.head), f"{head.samples:,}", _percent(head.top_k[0]),
+                 f"{_percent(head.top_k[-1])} ({_percent(low)}-{_percent(high)})"]
+        if result.oracle is not None:
+            truth = result.oracle[index]
+            cells += [_percent(truth.top_k[0]), _percent(truth.top_k[-1]),
+                      f"{_percent(truth.top_k[0] - head.top_k[0])}/"
+                      f"{_percent(truth.top_k[-1] - head.top_k[-1])}"]
+        table.add_row(*cells)
+    err.print(table)
+    if result.source is not None:
+        err.print(f"oracle: {escape(f'{result.source.kind} {result.source.path}')}", highlight=False)
+    written = [str(p) for p in (result.output, result.ranks_file, result.plot) if p is not None]
+    if written:
+        err.print(f"[green]wrote[/] {escape(', '.join(written))}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# medusa tree-search
+
+
+def _parse_ints(text: Optional[str], flag: str, example: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise InputError(f"{flag} {text!r}: expected comma-separated integers such as {example}")
+    return values
+
+
+@app.command(
+    name="tree-search",
+    epilog=(
+        "Finds the tree of exactly N paths (the root, the base model's own token, comes on top) "
+        "with the largest expected acceptance length, 1 + the sum over paths of the product of "
+        "per-rank accuracies along the path: the N most likely paths, found best-first, which "
+        "is optimal for any accuracies (FasterDecoding's greedy search, reported beside it, "
+        "is optimal only while accuracy falls with rank). With --ranks it maximizes the "
+        "acceptance measured on the data instead (no independence assumed) and reports both. "
+        "The written tree lists its paths best first; `medusa compile --tree` and `medusa tree` "
+        "load it.\n\n"
+        "**Examples**\n\n"
+        "    medusa tree-search --accuracy accuracy.json --nodes 16,32,64,128\n\n"
+        "    medusa tree-search --accuracy accuracy.json --ranks accuracy.ranks.npy --nodes 63 -o tree.json\n\n"
+        "    medusa tree-search --accuracy heads_accuracy.pt --nodes 63 --max-depth 4 --max-child 10,10,5,3 --plot tree.svg"
+    ),
+)
+def tree_search_command(
+    accuracy: Path = typer.Option(..., help="Per-rank accuracy of each head: `medusa eval -o` JSON or FasterDecoding's heads_accuracy.pt."),
+    nodes: str = typer.Option(..., help="Paths in the tree, or sizes such as 16,32,64,128 for the curve."),
+    max_depth: Optional[int] = typer.Option(None, help="Longest path (default: every head)."),
+    max_child: Optional[str] = typer.Option(None, help="Ranks allowed per depth: one value, or one per depth such as 10,10,5,5 (default: every rank)."),
+    ranks: Optional[Path] = typer.Option(None, help="The NAME.ranks.npy `medusa eval -o` wrote: maximize the acceptance measured on it."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="medusa_choices JSON to write (one --nodes value)."),
+    plot: Optional[Path] = typer.Option(None, help="Draw the tree to this .svg (one --nodes value)."),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Search the Medusa tree of N paths that accepts the most tokens per step."""
+    from .commands.tree_search import TreeSearchRequest, search_tree
+
+    with _handle_errors(verbose):
+        request = TreeSearchRequest(
+            accuracy=accuracy, nodes=_parse_ints(nodes, "--nodes", "64 or 16,32,64"),
+            max_depth=max_depth, max_child=_parse_ints(max_child, "--max-child", "10 or 10,10,5,5"),
+            ranks=ranks, output=output, plot=plot)
+        result = search_tree(request)
+    if json_out:
+        _emit_json(result.to_dict())
+        return
+    measured = result.positions is not None
+    table = Table(title=f"tree-search {accuracy.name}: tokens accepted per step "
+                        f"(objective: {result.objective})", title_justify="left")
+    for column in ("paths", "expected", "greedy expected") + (("measured",) if measured else ()):
+        table.add_column(column, justify="right")
+    for point in result.curve:
+        cells = [str(point.nodes), f"{point.expected_acceptance_length:.4f}",
+                 f"{point.greedy_expected_acceptance_length:.4f}"]
+        if measured:
+            cells.append(f"{point.measured_acceptance_length:.4f}")
+        table.add_row(*cells)
+    err.print(table)
+    if measured:
+        err.print(f"measured on {result.positions:,} positions of {escape(str(ranks))}", highlight=False)
+    written = [str(p) for p in (result.output, result.plot) if p is not None]
+    if written:
+        err.print(f"[green]wrote[/] {escape(', '.join(written))} (compile with --tree "
+                  f"{escape(str(result.output or ''))} --topk {result.topk})" if result.output
+                  else f"[green]wrote[/] {escape(', '.join(written))}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

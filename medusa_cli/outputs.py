@@ -19,7 +19,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import InputError
@@ -159,3 +159,12 @@ def staged_file(output: Path) -> Iterator[Path]:
         fsync_path(output.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_together(writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+    """write(partial) for each (path, write), each into a file staged beside its path; the
+    files are renamed into place only once every write has succeeded, else all are removed.
+    OSError propagates for the caller to name in its own terms."""
+    with contextlib.ExitStack() as stack:
+        for path, write in writes:
+            write(stack.enter_context(staged_file(Path(path))))

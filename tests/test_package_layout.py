@@ -18,10 +18,11 @@ PACKAGE = Path(medusa_cli.__file__).parent
 # unit -> rank, lowest first: the data path, then the commands and the CLI on top
 RANKS = {
     "_version": 0, "errors": 0,
-    "dtypes": 1, "resources": 1, "outputs": 1, "devices": 1,
+    "dtypes": 1, "resources": 1, "outputs": 1, "devices": 1, "plots": 1,
     "quantization": 2,
     "spec": 3, "trees": 3,
     "checkpoint": 4,     # published checkpoints in
+    "tree_search": 4,    # the best tree for given head accuracies (uses trees)
     "packed": 5,         # the packed parameter directory
     "library": 6,        # a compiled library's file and metadata
     "compiler": 7,       # packed directory -> library

@@ -254,6 +254,21 @@ def _find_state_dict(root: object, path: Path) -> dict[str, _TensorRecord]:
     )
 
 
+def _find_tensor_list(root: object, path: Path) -> dict[str, _TensorRecord]:
+    """A top-level list of tensors (FasterDecoding's heads_accuracy.pt), keyed "0", "1", ..."""
+    if not isinstance(root, list) or not all(isinstance(v, _TensorRecord) for v in root):
+        kind = type(root).__name__ if not isinstance(root, list) else "list of other things"
+        raise CheckpointError(
+            f"{path} holds a pickled {kind}, not a list of tensors; save one with "
+            "torch.save([tensor, ...], path)"
+        )
+    return {str(i): record for i, record in enumerate(root)}
+
+
+# What a file's top-level object must be: the unpickled root -> its tensors by name
+_ROOTS = {"state_dict": _find_state_dict, "tensor_list": _find_tensor_list}
+
+
 def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """Elements from a tensor's first element to one past its last, in storage order."""
     if any(d == 0 for d in shape):
@@ -288,10 +303,12 @@ def _describe_unreadable(path: Path, head: bytes) -> str:
 
 
 class TorchCheckpoint:
-    """A ``torch.save`` state dict, opened lazily: tensors are read one at a time."""
+    """A ``torch.save`` state dict, opened lazily: tensors are read one at a time. With
+    root="tensor_list" the file holds a list of tensors instead, named "0", "1", ..."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, root: str = "state_dict"):
         self.path = Path(path)
+        find_tensors = _ROOTS[root]
         try:
             self._file: BinaryIO = open(self.path, "rb")
         except OSError as exc:
@@ -302,7 +319,7 @@ class TorchCheckpoint:
             self._prefix = self._find_prefix()
             self._check_byteorder()
             root = self._unpickle()
-            self._records = _find_state_dict(root, self.path)
+            self._records = find_tensors(root, self.path)
             self._members = self._storage_members()
         except BaseException:
             self._file.close()
@@ -477,6 +494,13 @@ class TorchCheckpoint:
         self.close()
 
 
+def load_tensor_list(path: str | os.PathLike) -> list[np.ndarray]:
+    """The tensors of a ``torch.save``d list (as FasterDecoding's heads_accuracy.pt), read with
+    the same allowlist as a state dict."""
+    with TorchCheckpoint(path, root="tensor_list") as archive:
+        return [archive.get_tensor(name) for name in archive.keys()]
+
+
 # --- writing -------------------------------------------------------------------------------
 
 _DTYPE_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
@@ -513,29 +537,44 @@ def _emit_empty_ordered_dict(out: bytearray) -> None:
     out += pickle.EMPTY_TUPLE + pickle.REDUCE
 
 
+def _emit_tensor(out: bytearray, record: _TensorRecord) -> None:
+    """One tensor as torch.save pickles it: a _rebuild_tensor_v2 call on its storage."""
+    _emit_global(out, "torch._utils", "_rebuild_tensor_v2")
+    out += pickle.MARK
+    # storage: persistent id ('storage', torch.<X>Storage, key, 'cpu', numel)
+    out += pickle.MARK
+    _emit_str(out, "storage")
+    _emit_global(out, "torch", _DTYPE_STORAGE_NAMES[record.storage.dtype])
+    _emit_str(out, record.storage.key)
+    _emit_str(out, "cpu")
+    _emit_int(out, record.storage.numel)
+    out += pickle.TUPLE + pickle.BINPERSID
+    _emit_int(out, record.offset)
+    _emit_int_tuple(out, record.shape)
+    _emit_int_tuple(out, record.stride)
+    out += pickle.NEWFALSE  # requires_grad
+    _emit_empty_ordered_dict(out)  # backward_hooks
+    out += pickle.TUPLE + pickle.REDUCE
+
+
 def _pickle_state_dict(entries: Iterable[tuple[str, _TensorRecord]]) -> bytes:
     """Protocol-2 pickle of an OrderedDict of tensors as torch.save writes it, less memoization."""
     out = bytearray(pickle.PROTO + b"\x02")
     _emit_empty_ordered_dict(out)
     for name, record in entries:
         _emit_str(out, name)
-        _emit_global(out, "torch._utils", "_rebuild_tensor_v2")
-        out += pickle.MARK
-        # storage: persistent id ('storage', torch.<X>Storage, key, 'cpu', numel)
-        out += pickle.MARK
-        _emit_str(out, "storage")
-        _emit_global(out, "torch", _DTYPE_STORAGE_NAMES[record.storage.dtype])
-        _emit_str(out, record.storage.key)
-        _emit_str(out, "cpu")
-        _emit_int(out, record.storage.numel)
-        out += pickle.TUPLE + pickle.BINPERSID
-        _emit_int(out, record.offset)
-        _emit_int_tuple(out, record.shape)
-        _emit_int_tuple(out, record.stride)
-        out += pickle.NEWFALSE  # requires_grad
-        _emit_empty_ordered_dict(out)  # backward_hooks
-        out += pickle.TUPLE + pickle.REDUCE + pickle.SETITEM
+        _emit_tensor(out, record)
+        out += pickle.SETITEM
     out += pickle.STOP
+    return bytes(out)
+
+
+def _pickle_tensor_list(entries: Iterable[tuple[str, _TensorRecord]]) -> bytes:
+    """Protocol-2 pickle of a list of tensors as torch.save writes it, less memoization."""
+    out = bytearray(pickle.PROTO + b"\x02" + pickle.EMPTY_LIST + pickle.MARK)
+    for _, record in entries:
+        _emit_tensor(out, record)
+    out += pickle.APPENDS + pickle.STOP
     return bytes(out)
 
 
@@ -565,8 +604,11 @@ class _ArchiveWriter:
         self._write_member(f"{_PREFIX}/data/{ref.key}", flat.view(np.uint8))
         return ref
 
-    def finish(self, entries: Iterable[tuple[str, _TensorRecord]]) -> None:
-        self._write_member(f"{_PREFIX}/data.pkl", _pickle_state_dict(entries))
+    def finish(self, entries: Iterable[tuple[str, _TensorRecord]], as_list: bool = False) -> None:
+        """Write data.pkl (a state dict of `entries`, or a list of their tensors) and the
+        records torch.load reads beside it."""
+        pickled = _pickle_tensor_list(entries) if as_list else _pickle_state_dict(entries)
+        self._write_member(f"{_PREFIX}/data.pkl", pickled)
         self._write_member(f"{_PREFIX}/byteorder", b"little")
         # No .format_version record: with it torch may compute storage offsets assuming its
         # own zip writer's layout instead of reading our headers.
@@ -614,10 +656,12 @@ def _storage_array(name: object, value: object) -> np.ndarray:
 
 
 def save_torch_checkpoint(
-    tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray], path: str | os.PathLike
+    tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray], path: str | os.PathLike,
+    as_list: bool = False,
 ) -> None:
     """Write ``tensors`` as a torch.save state dict that ``torch.load(path, weights_only=True)``
-    reads. Tensors are written one at a time into a temporary file renamed onto ``path``."""
+    reads (with as_list, a list of the tensors in order, as heads_accuracy.pt is). Tensors are
+    written one at a time into a temporary file renamed onto ``path``."""
     path = Path(path)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     try:
@@ -632,6 +676,6 @@ def save_torch_checkpoint(
                 ref = writer.add_storage(array)
                 stride = _contiguous_stride(array.shape)
                 entries[name] = _TensorRecord(ref, ref.dtype, 0, array.shape, stride)
-            writer.finish(entries.items())
+            writer.finish(entries.items(), as_list=as_list)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None

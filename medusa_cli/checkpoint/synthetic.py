@@ -4,7 +4,7 @@ the config.json each project writes (`medusa example`; no download needed)."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -95,17 +95,22 @@ TensorSpec = tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]
 
 def example_tensors(
     config: MedusaConfig, layout_name: str, dtype: str, seed: int, bias: bool = True,
-    head_lm_head: bool = True,
+    head_lm_head: bool = True, values: Mapping[str, np.ndarray] | None = None,
 ) -> list[TensorSpec]:
     """Every tensor of the example, in file order; a large example streams, each array made
-    when it is written."""
+    when it is written. `values` (by spec name, in `dtype`) replaces the seeded random values
+    of the head tensors it holds."""
     layout = get_layout(layout_name)
     np_dtype = NUMPY_DTYPES[dtype]
     hidden, vocab, count = config.hidden_size, config.vocab_size, config.medusa_num_layers
     specs: list[TensorSpec] = []
+    given = values or {}
 
     def add(name: str, shape: tuple[int, ...], std: float, key: str) -> None:
-        specs.append((name, shape, dtype, lambda: _normal(seed, key, shape, std, np_dtype)))
+        if key in given:
+            specs.append((name, shape, dtype, lambda: given[key]))
+        else:
+            specs.append((name, shape, dtype, lambda: _normal(seed, key, shape, std, np_dtype)))
 
     if layout.mixed_with_base or not head_lm_head:
         base = [("model.embed_tokens.weight", (vocab, hidden)),

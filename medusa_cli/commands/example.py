@@ -20,8 +20,9 @@ from ..checkpoint.synthetic import (
 )
 from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
-from ..outputs import check_output_dir, staged_directory
+from ..outputs import check_output_dir, staged_directory, staged_file
 from ..spec import MedusaConfig
+from ..verify.eval_set import eval_weights, make_eval_set
 
 FILE_FORMATS = ("safetensors", "pt")
 
@@ -43,6 +44,12 @@ class ExampleRequest:
     # Override config.json's head count, to reproduce published configs that disagree
     config_num_heads: int | None = None
     force: bool = False
+    # also write an evaluation set (.npz) whose accuracies are known by construction, for
+    # heads designed to reach any logits (verify/eval_set.py; preset eval-tiny)
+    eval_set: Path | None = None
+    # its positions, in sequences of eval_sequence_length
+    eval_positions: int = 1024
+    eval_sequence_length: int = 64
 
 
 @dataclasses.dataclass
@@ -53,6 +60,10 @@ class ExampleResult:
     config: MedusaConfig
     files: list[Path]
     total_bytes: int
+    # the evaluation set written, and its positions and designed per-rank accuracy [heads][K]
+    eval_set: Path | None = None
+    eval_positions: int | None = None
+    designed_accuracy: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +73,9 @@ class ExampleResult:
             "config": self.config.to_dict(),
             "files": [str(p) for p in self.files],
             "total_bytes": self.total_bytes,
+            "eval_set": None if self.eval_set is None else str(self.eval_set),
+            "eval_positions": self.eval_positions,
+            "designed_accuracy": self.designed_accuracy,
         }
 
 
@@ -102,9 +116,19 @@ def write_example(request: ExampleRequest) -> ExampleResult:
     config, base_model = preset_config(request.preset)
     output = Path(request.output)
     check_output_dir(output, request.force, flag="OUT")
+    designed = None
+    if request.eval_set is not None:
+        eval_path = Path(request.eval_set)
+        if eval_path.suffix != ".npz" or eval_path.is_dir():
+            raise InputError(f"--eval-set {eval_path}: give a file name ending in .npz")
+        if eval_path.resolve().is_relative_to(output.resolve()):
+            raise InputError(f"--eval-set {eval_path}: is inside OUT; write it beside the checkpoint")
+        if not request.head_lm_head:
+            raise InputError("--eval-set: its heads need vocab projections of their own")
+        designed = eval_weights(config, request.dtype, request.seed, request.bias)
 
     specs = example_tensors(config, request.layout, request.dtype, request.seed, request.bias,
-                            request.head_lm_head)
+                            request.head_lm_head, values=designed)
     if file_format == "pt" and stem == "model":
         stem = "pytorch_model"
     suffix = ".safetensors" if file_format == "safetensors" else (".pt" if stem == "medusa_lm_head" else ".bin")
@@ -139,6 +163,12 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         config_json = {**fixed, **{key: values[field] for field, key in spellings.items()}}
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         files.append("config.json")
+        evaluation = None
+        if designed is not None:
+            evaluation = make_eval_set(config, designed, request.eval_positions,
+                                       request.eval_sequence_length, request.seed)
+            with staged_file(eval_path) as partial, open(partial, "wb") as f:
+                np.savez(f, **evaluation.arrays())
         stage.publish()
     paths = [output / f for f in files]
     return ExampleResult(
@@ -148,6 +178,9 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         config=config,
         files=paths,
         total_bytes=sum(p.stat().st_size for p in paths),
+        eval_set=None if evaluation is None else eval_path,
+        eval_positions=None if evaluation is None else request.eval_positions,
+        designed_accuracy=None if evaluation is None else evaluation.designed_accuracy.tolist(),
     )
 
 

@@ -21,29 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint.files import Checkpoint, read_config_hints, sha256_file
-from ..checkpoint.plan import iter_head_tensors, plan_conversion
 from ..dtypes import to_float64
 from ..errors import InputError, ParamsError
 from ..library import LibraryMetadata, read_library_metadata
 from ..packed.check import check_packed
-from ..packed.config import CONFIG_FILE, PackedConfig, read_packed_config
-from ..packed.tensor_cache import TensorCache, load_array, read_tensor_cache
-from ..quantization import QuantScheme, cast_to, dequantize_weight, get_scheme, quantized_names
+from ..packed.config import read_packed_config
+from ..packed.tensor_cache import TensorCache, read_tensor_cache
+from ..quantization import QuantScheme, cast_to, get_scheme
 from ..runtime.heads import candidates_in_batches, load_heads, logits_in_batches
 from ..runtime.inputs import load_hidden_states
-from ..spec import MedusaConfig, head_specs
+from ..spec import MedusaConfig
 from ..trees import build_buffers, generate_candidates
 from ..verify.judge import judge, tie_slack
-from ..verify.oracle import HIDDEN_STD, HeadWeights, head_logits, random_hidden
-from ..verify.report import HeadReport, Integrity, SourceUsed, TreeReport, VerifyReport
+from ..verify.oracle import HIDDEN_STD, head_logits, random_hidden
+from ..verify.report import HeadReport, Integrity, TreeReport, VerifyReport
+from ..verify.source import check_source_flags, open_oracle_heads
 from ..verify.thresholds import OVERRIDES, REFERENCE, SOURCE, load_thresholds
 
 
@@ -98,104 +95,6 @@ def _check_integrity(params_dir: Path, metadata: LibraryMetadata) -> tuple[Integ
 
 
 # ---------------------------------------------------------------------------------------------
-# The oracle's heads
-
-
-def _recorded_source(packed: PackedConfig, params_dir: Path) -> tuple[Path | None, list[str]]:
-    """The source checkpoint recorded by `medusa convert`, if it still exists, and warnings."""
-    config_path = params_dir / CONFIG_FILE
-    recorded = packed.source.get("path")
-    if not recorded:
-        return None, [
-            f"{config_path} records no source checkpoint; verifying against the packed weights "
-            "themselves, which cannot reveal conversion or quantization errors (pass --source CKPT)"
-        ]
-    path = Path(recorded)
-    if not path.exists():
-        return None, [
-            f"the source recorded in {config_path} ({path}) no longer exists; verifying against "
-            "the packed weights themselves, which cannot reveal conversion or quantization errors "
-            "(pass --source CKPT)"
-        ]
-    return path, []
-
-
-def _changed_source_files(packed: PackedConfig) -> list[str]:
-    """Warnings for recorded source files that are gone or whose sha256 no longer matches."""
-    warnings = []
-    for name, info in (packed.source.get("files") or {}).items():
-        if not Path(name).is_file():
-            warnings.append(f"source file {name}, recorded at conversion, is missing")
-        elif info.get("sha256") and sha256_file(Path(name)) != info["sha256"]:
-            warnings.append(
-                f"source file {name} changed since `medusa convert` (its sha256 differs from the "
-                "recorded one); verifying against its current contents"
-            )
-    return warnings
-
-
-def _lm_head_file(packed: PackedConfig, ckpt: Checkpoint) -> Path | None:
-    """The --lm-head file a conversion used: a recorded source file outside the checkpoint."""
-    own = {str(p.resolve()) for p in ckpt.files}
-    others = [Path(name) for name in (packed.source.get("files") or {}) if name not in own]
-    return others[0] if len(others) == 1 and others[0].is_file() else None
-
-
-def _plan_source(ckpt: Checkpoint, what: str, layout: str, config: MedusaConfig, lm_head_ckpt):
-    """The head plan of the source, limited to the library's heads, checked against its shapes.
-    `what` names the source in messages."""
-    _, hints = read_config_hints(ckpt.src)
-    plan, available = plan_conversion(ckpt, layout, None, lm_head_ckpt, hints)
-    found = (available, plan.num_layers, plan.hidden_size, plan.vocab_size)
-    wanted = (config.medusa_num_heads, config.medusa_num_layers, config.hidden_size, config.vocab_size)
-    if found[0] < wanted[0] or found[1:] != wanted[1:]:
-        raise InputError(
-            f"{what}: holds {found[0]} heads x {found[1]} layers, hidden {found[2]}, vocab "
-            f"{found[3]}; the library has {wanted[0]} x {wanted[1]}, hidden {wanted[2]}, vocab "
-            f"{wanted[3]}; pass the checkpoint the library was converted from"
-        )
-    if available > config.medusa_num_heads:  # converted with --num-heads
-        plan, _ = plan_conversion(ckpt, layout, config.medusa_num_heads, lm_head_ckpt, hints)
-    return plan
-
-
-def _heads(config: MedusaConfig, read: Callable[[str], np.ndarray]) -> Iterator[HeadWeights]:
-    """Each head, one at a time, its arrays as read (the oracle takes them to float64 a block
-    at a time); read(name) returns the unquantized tensor `name` (spec.py's names: a
-    ResBlock's weight and bias, then the vocab projection)."""
-    for head in head_specs(config):
-        layers = [(read(linear.weight), read(linear.bias)) for linear in head.resblocks]
-        yield HeadWeights(layers=layers, lm_head=read(head.lm_head.weight))
-
-
-def _source_heads(plan, ckpt: Checkpoint, lm_head_ckpt: Checkpoint | None) -> Iterator[HeadWeights]:
-    """The source checkpoint's heads, read in the order iter_head_tensors streams them."""
-    stream = iter_head_tensors(plan, ckpt, lm_head_ckpt)
-
-    def read(name: str) -> np.ndarray:
-        got, array, *_ = next(stream)
-        if got != name:  # iter_head_tensors and spec.head_specs walk the heads in one order
-            raise RuntimeError(f"the head plan streamed '{got}' where '{name}' was due")
-        return array
-
-    return _heads(plan.config, read)
-
-
-def _packed_heads(params_dir: Path, cache: TensorCache, config: MedusaConfig,
-                  scheme: QuantScheme) -> Iterator[HeadWeights]:
-    """The heads as stored in the packed directory (dequantized), one at a time, in float64."""
-    records = cache.by_name()
-
-    def read(name: str) -> np.ndarray:
-        if name.endswith(".weight") and scheme.is_quantized:
-            q_weight, q_scale = (load_array(params_dir, records[n]) for n in quantized_names(name))
-            return dequantize_weight(q_weight, q_scale, scheme, config.hidden_size)
-        return load_array(params_dir, records[name])
-
-    return _heads(config, read)
-
-
-# ---------------------------------------------------------------------------------------------
 # verify_heads
 
 
@@ -222,10 +121,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
         raise InputError(f"--topk {request.topk}: must be at least 1")
     if not params_dir.is_dir():
         raise ParamsError(f"{params_dir}: not a directory; pass the PARAMS_DIR written by `medusa convert`")
-    if request.source is not None and not Path(request.source).exists():
-        raise InputError(f"--source {request.source}: no such file or directory")
-    if request.lm_head is not None and not Path(request.lm_head).exists():
-        raise InputError(f"--lm-head {request.lm_head}: no such file")
+    check_source_flags(request.source, request.lm_head)
     metadata = read_library_metadata(library, load=True)
     config = metadata.config
     scheme = get_scheme(metadata.quantization)
@@ -243,41 +139,16 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
         return report(integrity=integrity, source=None, inputs=inputs, heads=[], warnings=[])
 
     with ExitStack() as stack:
-        warnings: list[str] = []
-        changed: Future | None = None
-        if request.source is not None:
-            source = SourceUsed("checkpoint", Path(request.source), "--source")
-        else:
-            recorded, warnings = _recorded_source(packed, params_dir)
-            if recorded is None:
-                source = SourceUsed("packed", params_dir, "packed weights")
-            else:
-                source = SourceUsed("checkpoint", recorded, f"recorded in {CONFIG_FILE}")
-                # hashed on a thread of its own while the heads run
-                pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256"))
-                changed = pool.submit(_changed_source_files, packed)
-
-        if source.kind == "checkpoint":
-            ckpt = stack.enter_context(Checkpoint(source.path))
-            lm_head = request.lm_head
-            if lm_head is None and request.source is None:
-                lm_head = _lm_head_file(packed, ckpt)
-            lm_head_ckpt = stack.enter_context(Checkpoint(lm_head)) if lm_head is not None else None
-            layout = "auto" if request.source is not None else packed.source.get("layout") or "auto"
-            what = f"--source {source.path}" if request.source is not None else \
-                f"the source recorded in {params_dir / CONFIG_FILE} ({source.path})"
-            plan = _plan_source(ckpt, what, layout, config, lm_head_ckpt)
-            source.layout = plan.layout.name
-            oracle_heads = _source_heads(plan, ckpt, lm_head_ckpt)
-        else:
-            oracle_heads = _packed_heads(params_dir, cache, config, scheme)
+        oracle = open_oracle_heads(stack, params_dir, packed, config, scheme, cache,
+                                   request.source, request.lm_head)
+        source = oracle.source
 
         runtime = load_heads(library, params_dir, device=request.device)
         compiled = logits_in_batches(runtime, hidden)
         hidden64 = to_float64(hidden)
         heads = []
         references = []
-        for index, head in enumerate(oracle_heads):
+        for index, head in enumerate(oracle.heads):
             from_source = None
             if source.kind == "checkpoint":
                 from_source = head_logits(head, hidden64)
@@ -297,8 +168,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
             ))
         tree = _check_tree(runtime, scheme, hidden, compiled, references, request.seed) \
             if runtime.has_tree else None
-        if changed is not None:
-            warnings += changed.result()
+        warnings = oracle.finish()
     return report(integrity=integrity, source=source, inputs=inputs, heads=heads, warnings=warnings,
                   tree=tree)
 
