@@ -67,8 +67,24 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
+# Dimensions, element counts and offsets must fit in int64, as numpy and torch index them: a
+# shape whose count only Python's integers can hold (or one that wraps to zero in int64, such as
+# [2**64, 0]) describes no array anyone wrote.
+INT64_LIMIT = 1 << 63
+
+
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT64_LIMIT
+
+
+def fits_int64(shape) -> bool:
+    """The shape's non-zero dimensions multiply to an int64 (so does the element count)."""
+    product = 1
+    for d in shape:
+        product *= max(d, 1)
+        if product >= INT64_LIMIT:
+            return False
+    return True
 
 
 def parse_header(header: dict, data_bytes: int) -> dict[str, _Entry]:
@@ -87,11 +103,15 @@ def parse_header(header: dict, data_bytes: int) -> dict[str, _Entry]:
         if not isinstance(code, str) or code not in DTYPE_CODES:
             raise ValueError(f"tensor '{name}': unsupported dtype {code!r:.40}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise ValueError(f"tensor '{name}': shape {shape!r:.80} is not a list of non-negative integers")
+            raise ValueError(f"tensor '{name}': shape {shape!r:.80} is not a list of non-negative "
+                             "int64 integers")
+        if not fits_int64(shape):
+            raise ValueError(f"tensor '{name}': shape {shape!r:.80} is too large (its element "
+                             "count does not fit in int64)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise ValueError(f"tensor '{name}': data_offsets {offsets!r:.80} are not two "
-                             "non-negative integers [begin, end]")
+                             "non-negative int64 integers [begin, end]")
         dtype = NUMPY_DTYPES[DTYPE_CODES[code]]
         elements = 1
         for d in shape:  # Python integers: no overflow, however hostile the shape
