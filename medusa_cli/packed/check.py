@@ -43,7 +43,8 @@ def check_packed(params_dir: Path, expected: Sequence[ParamSpec], *, against: st
     for shard in cache.shards:
         path = params_dir / shard.data_path
         if not path.is_file():
-            raise ParamsError(f"{path}: shard listed in {TENSOR_CACHE_FILE} is missing; {_REBUILD}")
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise ParamsError(f"{path}: shard listed in {TENSOR_CACHE_FILE} {what}; {_REBUILD}")
         size = path.stat().st_size
         if size != shard.nbytes:
             raise ParamsError(f"{path}: shard is {size} bytes, {TENSOR_CACHE_FILE} says "
