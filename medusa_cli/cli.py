@@ -82,6 +82,8 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame) -> None:
+    for other in _SIGNALS:  # a second signal must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
     raise _Terminated(signum)
 
 
