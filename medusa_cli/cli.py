@@ -286,6 +286,7 @@ def convert(
     num_heads: Optional[int] = typer.Option(None, help="Keep only the first N heads."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the compiled library accepts: mlc-chat-config.json's max_batch_size, which `medusa compile` builds for and MLC-LLM's engine caps its batch at."),
+    conv_template: str = typer.Option("vicuna_v1.1", help="mlc-chat-config.json's conv_template, which MLC-LLM's engine requires: vicuna_v1.1 (the base model of the published Medusa heads), llama-2, llama-3, mistral_default, gemma_instruction, chatml, LM, or a JSON file holding MLC-LLM's Conversation object."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the weights."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT directory."),
     json_out: bool = JsonOpt,
@@ -297,7 +298,7 @@ def convert(
     request = ConvertRequest(
         source=source, output=output, dtype=dtype, quantization=quantization, layout=layout,
         num_heads=num_heads, lm_head=lm_head, force=force, allow_nonfinite=allow_nonfinite,
-        max_batch_size=max_batch_size,
+        max_batch_size=max_batch_size, conv_template=conv_template,
     )
     with _handle_errors(verbose), _byte_progress("converting") as update:
         result = convert_checkpoint(request, progress=update)
@@ -583,6 +584,7 @@ def build(
     layout: str = typer.Option("auto", help="auto, medusa1, medusa2, trtllm, vllm or mlc."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the library accepts."),
+    conv_template: str = typer.Option("vicuna_v1.1", help="As for `medusa convert --conv-template`."),
     batch: int = typer.Option(4, help="Rows of random hidden states the verification uses."),
     seed: int = typer.Option(0, help="Seed of those hidden states."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT."),
@@ -595,7 +597,7 @@ def build(
     request = BuildRequest(
         source=source, output=output, target=target, quantization=quantization, arch=arch,
         layout=layout, lm_head=lm_head, max_batch_size=max_batch_size, batch=batch, seed=seed,
-        force=force,
+        force=force, conv_template=conv_template,
     )
     with _handle_errors(verbose):
         with _status("building") as status:

@@ -19,6 +19,7 @@ from ..devices import device_visible
 from ..errors import InputError, VerificationFailed
 from ..library import library_file_name
 from ..outputs import check_not_overlapping, check_output_dir, staged_directory
+from ..packed.config import DEFAULT_CONV_TEMPLATE
 from ..quantization import get_scheme
 from ..spec import DEFAULT_MAX_BATCH_SIZE
 from .compile import CompileRequest, compile_heads
@@ -42,6 +43,8 @@ class BuildRequest:
     # base-model weights file holding lm_head.weight, for heads without their own
     lm_head: Path | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # mlc-chat-config.json's conv_template (as for `medusa convert --conv-template`)
+    conv_template: str | Path = DEFAULT_CONV_TEMPLATE
     # hidden-state rows and seed of the verification
     batch: int = 4
     seed: int = 0
@@ -132,6 +135,7 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
         converted = convert_checkpoint(ConvertRequest(
             source=request.source, output=staging / PARAMS_SUBDIR, quantization=request.quantization,
             layout=request.layout, lm_head=request.lm_head, max_batch_size=request.max_batch_size,
+            conv_template=request.conv_template,
         ))
         seconds["convert"] = time.perf_counter() - started
 
