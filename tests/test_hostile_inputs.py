@@ -259,6 +259,19 @@ def _pt_truncated_member(tmp: Path) -> Path:
     return path
 
 
+def _pt_cut_short(tmp: Path) -> Path:
+    """data.pkl deflated, its compressed stream cut in half where the archive says it ends."""
+    pkl = _pickle_state_dict([])
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = packer.compress(pkl * 50) + packer.flush()
+    path = tmp / "ckpt" / "heads.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zip_bytes([("archive/data.pkl", packed[:len(packed) // 2], len(pkl) * 50, 8,
+                                 len(pkl) * 50, zlib.crc32(pkl * 50)),
+                                ("archive/byteorder", b"little", 6)]))
+    return path
+
+
 def _pt_encrypted(tmp: Path) -> Path:
     path = _pt(tmp)
     data = bytearray(path.read_bytes())
@@ -551,6 +564,8 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "pt-crc-mismatch": (lambda tmp: _pt_corrupt_compressed(tmp), ("heads.pt", "corrupt")),
     "pt-truncated-compressed-member": (lambda tmp: _pt_truncated_member(tmp),
                                        ("heads.pt", "data.pkl")),
+    "pt-compressed-member-cut-short": (lambda tmp: _pt_cut_short(tmp),
+                                       ("heads.pt", "data.pkl", "corrupt: Bad CRC-32")),
     "pt-encrypted-member": (lambda tmp: _pt_encrypted(tmp), ("heads.pt", "encrypted")),
     "pt-unsupported-compression": (lambda tmp: _pt_compression(tmp, zipfile.ZIP_LZMA),
                                    ("heads.pt", "compression")),
@@ -686,6 +701,14 @@ def _huge_tree() -> str:
 HIDDEN_OK = _npy(lambda path: np.ones((2, HIDDEN), np.float32))
 
 OTHER_CASES: dict[str, Case] = {
+    # --- convert's other inputs
+    "convert-lm-head-dev-null": Case(convert(lambda tmp: ckpt_dir(tmp, {
+        k: v for k, v in head_tensors().items() if not k.endswith(".1.weight")}), "--lm-head", "/dev/null"),
+        ("/dev/null", "neither a regular file")),
+    "convert-lm-head-fifo": Case(convert(lambda tmp: ckpt_dir(tmp), "--lm-head", "LMHEAD"),
+                                 ("lm_head.safetensors", "neither a regular file")),
+    "convert-output-dev-null": Case(lambda tmp, base: ["convert", ckpt_dir(tmp), "-o", "/dev/null"],
+                                    ("-o /dev/null", "not a directory")),
     # --- tensor values: convert reads them, inspect does not
     "convert-nonfinite-weights": Case(convert(lambda tmp: ckpt_dir(tmp, {
         **head_tensors(), "1.0.linear.bias": np.full(HIDDEN, np.nan, np.float32)})),
@@ -873,6 +896,8 @@ def test_hostile_input_is_one_error_line_and_writes_nothing(name, tmp_path, base
     work.mkdir()
     args = [str(work / a) if isinstance(a, str) and a.startswith("OUT") else a
             for a in case.args(work, base)]
+    if "LMHEAD" in args:  # a FIFO where a base model's weights file should be
+        args[args.index("LMHEAD")] = fifo(work / "lm_head.safetensors")
     before = _snapshot(work)
     base_before = _snapshot(base["root"])
     result = _cli(*args)
@@ -885,3 +910,26 @@ def test_hostile_input_is_one_error_line_and_writes_nothing(name, tmp_path, base
     assert result.stdout == ""
     assert _snapshot(work) == before, "the command wrote or changed files"
     assert _snapshot(base["root"]) == base_before
+
+
+def test_a_member_that_ends_early_says_so(tmp_path):
+    """zipfile raises a bare EOFError when a compressed member's bytes end early (here: the file
+    is cut short after it was opened); the message says what happened, never nothing."""
+    from medusa_cli.checkpoint.pytorch import TorchCheckpoint
+    from medusa_cli.errors import CheckpointError
+
+    path = tmp_path / "heads.pt"
+    tensors = {"0.0.linear.weight": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    save_torch_checkpoint(tensors, path)
+    members = _pt_members(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with TorchCheckpoint(path) as ckpt:
+        with open(path, "r+b") as f:
+            f.truncate(200)
+        with pytest.raises(CheckpointError) as err:
+            ckpt.get_tensor("0.0.linear.weight")
+    message = str(err.value)
+    assert "0.0.linear.weight" in message and str(path) in message
+    assert not message.rstrip().endswith(":") and "its compressed data ends early" in message
