@@ -61,10 +61,17 @@ def main(
     """Convert, compile and verify Medusa heads. Run `medusa COMMAND --help` for examples."""
 
 
+# Control characters a message may carry from a file (a tensor name holding a newline or a
+# terminal escape), shown escaped: a message stays one line and cannot drive the terminal.
+_CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL_CHARACTERS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
 def _say(label: str, style: str, text: str) -> None:
     """One message on stderr, whole: soft_wrap leaves wrapping to the terminal, so rich never
     folds or crops a long path (a word wider than the console) and no word is lost. Escaped:
     messages show shapes such as [batch, 64], which rich would take for markup."""
+    text = text.translate(_CONTROL_CHARACTERS)
     err.print(f"[{style}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 

@@ -439,6 +439,12 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
                             ("model.safetensors", "0.0.linear.bias")),
     "st-metadata-not-object": (_st(lambda h: h.__setitem__("__metadata__", [1])),
                                ("model.safetensors", "__metadata__")),
+    "st-name-with-newline-and-escape": (_st(lambda h: h.__setitem__(
+        "0.0.linear.weight\nerror: forged\x1b[2J", {**h.pop("0.0.linear.weight"), "dtype": "F128"})),
+        ("model.safetensors", "0.0.linear.weight\\nerror: forged\\x1b[2J", "dtype")),
+    "st-name-of-a-megabyte": (_st(lambda h: h.__setitem__(
+        "x" * (1 << 20), {**h.pop("0.0.linear.weight"), "dtype": "F128"})),
+        ("model.safetensors", "x" * 200, "dtype")),
     "st-duplicate-key": (lambda tmp: write_raw_st(
         tmp / "ckpt" / "model.safetensors",
         json.dumps(st_header(head_tensors())[0])[:-1].encode()
@@ -709,6 +715,13 @@ OTHER_CASES: dict[str, Case] = {
                                  ("lm_head.safetensors", "neither a regular file")),
     "convert-output-dev-null": Case(lambda tmp, base: ["convert", ckpt_dir(tmp), "-o", "/dev/null"],
                                     ("-o /dev/null", "not a directory")),
+    # --- numbers given as flags that size an allocation or seed a generator
+    "verify-negative-seed": Case(lambda tmp, base: [*_verify()(tmp, base), "--seed", "-1"],
+                                 ("--seed -1", "non-negative")),
+    "verify-batch-of-a-billion": Case(lambda tmp, base: [*_verify()(tmp, base), "--batch", "1000000000"],
+                                      ("--batch 1000000000", "between 1 and")),
+    "example-negative-seed": Case(lambda tmp, base: ["example", "OUT", "--seed", "-3"],
+                                  ("--seed -3", "non-negative")),
     # --- tensor values: convert reads them, inspect does not
     "convert-nonfinite-weights": Case(convert(lambda tmp: ckpt_dir(tmp, {
         **head_tensors(), "1.0.linear.bias": np.full(HIDDEN, np.nan, np.float32)})),
@@ -907,6 +920,7 @@ def test_hostile_input_is_one_error_line_and_writes_nothing(name, tmp_path, base
     line = _error_line(result)
     for word in case.words:
         assert word in line, line
+    assert len(line) < 1500, f"an error line of {len(line)} characters"
     assert result.stdout == ""
     assert _snapshot(work) == before, "the command wrote or changed files"
     assert _snapshot(base["root"]) == base_before

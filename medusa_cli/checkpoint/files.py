@@ -169,7 +169,7 @@ class Checkpoint:
                 for name in reader.keys():
                     if name in self._where:
                         raise CheckpointError(
-                            f"tensor '{name}' appears in both {self._where[name].path} and {path}"
+                            f"tensor '{name:.200}' appears in both {self._where[name].path} and {path}"
                         )
                     self._where[name] = reader
             if index is not None:
@@ -184,7 +184,7 @@ class Checkpoint:
             reader = self._where.get(name)
             if reader is None or reader.path != shard:
                 where = "in no shard" if reader is None else f"in {reader.path.name}"
-                raise CheckpointError(f"{index}: names tensor '{name}' in {shard.name}, but it is "
+                raise CheckpointError(f"{index}: names tensor '{name:.200}' in {shard.name}, but it is "
                                       f"{where}; the index does not match its shards")
 
     def names(self) -> list[str]:

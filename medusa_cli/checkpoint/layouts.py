@@ -138,7 +138,7 @@ def detect_layout(names: list[str]) -> Layout:
     scores = [(sum(1 for n in names if match_name(layout, n) is not None), layout) for layout in LAYOUTS]
     best = max(matched for matched, _ in scores)
     if best == 0:
-        shown = ", ".join(names[:5]) or "(no tensors)"
+        shown = ", ".join(name[:80] for name in names[:5]) or "(no tensors)"
         raise CheckpointError(
             f"no Medusa head tensors recognised; first names: {shown}. "
             f"Known layouts: {', '.join(LAYOUT_NAMES)} (force one with --layout)"
@@ -162,7 +162,7 @@ def check_mixed_layouts(names: list[str], chosen: Layout) -> None:
         if other:
             raise CheckpointError(
                 f"mixed layouts: tensors of '{chosen.name}' and of '{layout.name}' "
-                f"(e.g. '{other[0]}') in one checkpoint; keep one set, or force one with --layout"
+                f"(e.g. '{other[0]:.200}') in one checkpoint; keep one set, or force one with --layout"
             )
 
 

@@ -152,7 +152,7 @@ def plan_heads(
                 f"up to {num_layers} ResBlocks; every head needs ResBlocks 0..{num_layers - 1})")
     for (role, head, layer), name in found.items():
         if role == LAYER_BIAS and not (head < available and layer is not None and layer < num_layers):
-            raise CheckpointError(f"{ckpt.file_of(name)}: bias '{name}' belongs to no ResBlock "
+            raise CheckpointError(f"{ckpt.file_of(name)}: bias '{name:.200}' belongs to no ResBlock "
                                   "of the checkpoint (its weight is missing)")
 
     layers = [[(found[(LAYER_WEIGHT, head, i)], found.get((LAYER_BIAS, head, i)))
@@ -202,13 +202,13 @@ def plan_heads(
         found_shape = source.shape(name)
         if found_shape != shape:
             raise CheckpointError(
-                f"{source.file_of(name)}: tensor '{name}' has shape {list(found_shape)}, "
+                f"{source.file_of(name)}: tensor '{name:.200}' has shape {list(found_shape)}, "
                 f"expected {list(shape)} (hidden_size {hidden_size}, vocab_size {vocab_size} "
                 "from head 0)"
             )
         if dtype_name(source.dtype(name)) not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{source.file_of(name)}: tensor '{name}' has dtype {source.dtype(name)}, "
+                f"{source.file_of(name)}: tensor '{name:.200}' has dtype {source.dtype(name)}, "
                 f"expected {', '.join(FLOAT_DTYPES)}"
             )
 

@@ -474,7 +474,7 @@ class TorchCheckpoint:
     def _check_member(self, info: zipfile.ZipInfo, cap: int | None = None) -> None:
         """A member is readable before any of it is: not encrypted, stored or deflated, within
         `cap` declared bytes, and its bytes (as declared) inside the file."""
-        where = f"{self.path}: member {info.filename}"
+        where = f"{self.path}: member {info.filename:.200}"
         if info.flag_bits & 0x1:
             raise CheckpointError(f"{where} is encrypted; torch.save writes plain archives")
         if info.compress_type not in _READABLE_COMPRESSION:
@@ -501,7 +501,7 @@ class TorchCheckpoint:
         if len(prefixes) != 1:
             raise CheckpointError(
                 f"{self.path} is a zip archive but not a torch.save checkpoint: expected one "
-                f"<prefix>/data.pkl, found {len(prefixes)} among {names[:5]}"
+                f"<prefix>/data.pkl, found {len(prefixes)} among {[n[:80] for n in names[:5]]}"
             )
         prefix = prefixes[0]
         if f"{prefix}/constants.pkl" in names:
@@ -560,7 +560,7 @@ class TorchCheckpoint:
             member = self._infos.get(member_name)
             if member is None:
                 raise CheckpointError(
-                    f"tensor '{name}' in {self.path} uses storage {member_name}, which the "
+                    f"tensor '{name:.200}' in {self.path} uses storage {member_name}, which the "
                     "archive lacks; the file is truncated or corrupt"
                 )
             if key not in members:
@@ -572,12 +572,12 @@ class TorchCheckpoint:
             if member.file_size < record.storage.nbytes:
                 raise CheckpointError(
                     f"storage {member_name} in {self.path} holds {member.file_size} bytes, but "
-                    f"tensor '{name}' declares {record.storage.nbytes}; the file is corrupt"
+                    f"tensor '{name:.200}' declares {record.storage.nbytes}; the file is corrupt"
                 )
             end = (record.offset + _extent(record.shape, record.stride)) * record.dtype.itemsize
             if end > record.storage.nbytes:
                 raise CheckpointError(
-                    f"tensor '{name}' in {self.path} (shape {record.shape}, stride "
+                    f"tensor '{name:.200}' in {self.path} (shape {record.shape}, stride "
                     f"{record.stride}, offset {record.offset}) reaches byte {end} of a "
                     f"{record.storage.nbytes}-byte storage; the file is corrupt"
                 )
@@ -603,7 +603,7 @@ class TorchCheckpoint:
             return self._records[name]
         except KeyError:
             raise CheckpointError(
-                f"no tensor '{name}' in {self.path}; it holds {len(self._records)} tensors, "
+                f"no tensor '{name:.200}' in {self.path}; it holds {len(self._records)} tensors, "
                 f"e.g. {list(self._records)[:3]}"
             ) from None
 
@@ -619,7 +619,7 @@ class TorchCheckpoint:
     def get_tensor(self, name: str) -> np.ndarray:
         record = self._record(name)
         if self._file.closed:
-            raise CheckpointError(f"cannot read tensor '{name}': {self.path} was closed")
+            raise CheckpointError(f"cannot read tensor '{name:.200}': {self.path} was closed")
         itemsize = record.dtype.itemsize
         start = record.offset * itemsize
         if _is_contiguous(record.shape, record.stride):
@@ -646,11 +646,11 @@ class TorchCheckpoint:
                     got = stream.readinto(buffer)
         except _ZIP_ERRORS as exc:
             raise CheckpointError(
-                f"cannot read tensor '{name}' from {self.path}, which is corrupt: "
+                f"cannot read tensor '{name:.200}' from {self.path}, which is corrupt: "
                 f"{_zip_problem(exc)}") from None
         if got != buffer.nbytes:
             raise CheckpointError(
-                f"tensor '{name}' in {self.path} ends after {got} of {buffer.nbytes} bytes; "
+                f"tensor '{name:.200}' in {self.path} ends after {got} of {buffer.nbytes} bytes; "
                 "the file is truncated"
             )
 
@@ -810,7 +810,7 @@ def _storage_array(name: object, value: object) -> np.ndarray:
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _DTYPE_STORAGE_NAMES:
         raise CheckpointError(
-            f"tensor '{name}' has dtype {array.dtype}, which torch.save checkpoints written by "
+            f"tensor '{name:.200}' has dtype {array.dtype}, which torch.save checkpoints written by "
             "medusa-cli do not support; use one of: "
             f"{', '.join(str(d) for d in _DTYPE_STORAGE_NAMES)}"
         )
@@ -831,7 +831,7 @@ def save_torch_checkpoint(
                 array = _storage_array(name, value)
                 if name in entries:
                     raise CheckpointError(
-                        f"tensor '{name}' appears twice; tensor names must be unique"
+                        f"tensor '{name:.200}' appears twice; tensor names must be unique"
                     )
                 ref = writer.add_storage(array)
                 stride = _contiguous_stride(array.shape)

@@ -133,7 +133,7 @@ def _converted_stream(
         if not allow_nonfinite and not all_finite(array):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
             raise CheckpointError(
-                f"tensor '{source_name}' has {bad} NaN/Inf values; fix the checkpoint or pass "
+                f"tensor '{source_name:.200}' has {bad} NaN/Inf values; fix the checkpoint or pass "
                 "--allow-nonfinite"
             )
         done += array.nbytes

@@ -39,7 +39,7 @@ from ..packed.tensor_cache import TensorCache, load_array, read_tensor_cache
 from ..quantization import QuantScheme, cast_to, dequantize_weight, get_scheme, quantized_names
 from ..runtime.heads import candidates_in_batches, load_heads, logits_in_batches
 from ..runtime.inputs import load_hidden_states
-from ..spec import MedusaConfig, head_specs
+from ..spec import MAX_BATCH_SIZE, MedusaConfig, head_specs
 from ..trees import build_buffers, generate_candidates
 from ..verify.judge import judge, tie_slack
 from ..verify.oracle import HIDDEN_STD, HeadWeights, head_logits, random_hidden
@@ -199,13 +199,20 @@ def _packed_heads(params_dir: Path, cache: TensorCache, config: MedusaConfig,
 # verify_heads
 
 
+def check_seed_and_batch(seed: int, batch: int) -> None:
+    """--seed seeds numpy's generator, which takes no negative seed; --batch rows of random
+    hidden states are made up front, so an absurd count is refused rather than allocated."""
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be a non-negative integer")
+    if not 1 <= batch <= MAX_BATCH_SIZE:
+        raise InputError(f"--batch {batch}: must be between 1 and {MAX_BATCH_SIZE}")
+
+
 def _hidden_states(request: VerifyRequest, config: MedusaConfig, dtype: str) -> tuple[np.ndarray, dict]:
     """Hidden states in the model dtype, and how they were made."""
     if request.inputs is not None:
         hidden = load_hidden_states(request.inputs, config.hidden_size, dtype)
         return hidden, {"kind": "file", "path": str(request.inputs), "batch": int(hidden.shape[0])}
-    if request.batch < 1:
-        raise InputError(f"--batch {request.batch}: must be at least 1")
     hidden = cast_to(random_hidden(request.batch, config.hidden_size, request.seed), dtype)
     return hidden, {"kind": "random", "batch": request.batch, "seed": request.seed, "std": HIDDEN_STD}
 
@@ -220,6 +227,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
     library, params_dir = Path(request.library), Path(request.params_dir)
     if request.topk < 1:
         raise InputError(f"--topk {request.topk}: must be at least 1")
+    check_seed_and_batch(request.seed, request.batch)
     if not params_dir.is_dir():
         raise ParamsError(f"{params_dir}: not a directory; pass the PARAMS_DIR written by `medusa convert`")
     if request.source is not None and not Path(request.source).exists():
