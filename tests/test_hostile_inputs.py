@@ -947,3 +947,23 @@ def test_a_member_that_ends_early_says_so(tmp_path):
     message = str(err.value)
     assert "0.0.linear.weight" in message and str(path) in message
     assert not message.rstrip().endswith(":") and "its compressed data ends early" in message
+
+
+def test_an_index_whose_shards_are_symlinks_into_a_cache_reads(tmp_path):
+    """Shard names are judged as names: a Hugging Face cache snapshot links each file into
+    blobs/, and converts; the same index naming '../blobs/...' is refused."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blob = write_st(blobs / "0123456789abcdef", head_tensors())
+    snapshot.mkdir(parents=True)
+    (snapshot / "model-00001.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+    index = {"weight_map": {name: "model-00001.safetensors" for name in head_tensors()}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = _cli("convert", snapshot, "-o", tmp_path / "params", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["num_tensors"] == 3 * HEADS
+
+    index = {"weight_map": {name: "../../blobs/0123456789abcdef" for name in head_tensors()}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = _cli("convert", snapshot, "-o", tmp_path / "again")
+    assert result.exit_code == 2 and "outside the index's folder" in _error_line(result)
+    assert not (tmp_path / "again").exists()

@@ -80,17 +80,26 @@ class VerifyRequest:
 
 
 
-def _check_integrity(params_dir: Path, metadata: LibraryMetadata) -> tuple[Integrity, TensorCache | None]:
-    """packed.check with md5, against the library's parameters; a failure is an Integrity, not
-    an error. A directory that is not a packed directory at all (no readable tensor-cache.json)
-    still raises ParamsError."""
+def _check_integrity(params_dir: Path, metadata: LibraryMetadata,
+                     packed: PackedConfig) -> tuple[Integrity, TensorCache | None]:
+    """packed.check with md5, against the library's parameters, and the config's scheme and
+    max_batch_size against the library's; a failure is an Integrity, not an error. A directory
+    that is not a packed directory at all (no readable tensor-cache.json) still raises
+    ParamsError."""
     cache = read_tensor_cache(params_dir)
     integrity = Integrity(ok=True, shards=len(cache.shards), tensors=len(cache.tensors),
                           bytes=cache.param_bytes)
+    fix = "pass the PARAMS_DIR this library was compiled from, or recompile it from this one"
     try:
         check_packed(params_dir, metadata.params, against="the library", md5=True, cache=cache,
-                     fix="pass the PARAMS_DIR this library was compiled from, or recompile it "
-                         "from this one")
+                     fix=fix)
+        for field, ours, theirs in (
+            ("quantization", packed.quantization, metadata.quantization),
+            ("max_batch_size", packed.model.max_batch_size, metadata.max_batch_size),
+        ):
+            if ours != theirs:
+                raise ParamsError(f"{params_dir / CONFIG_FILE}: {field} is {ours}, the library "
+                                  f"was compiled for {theirs}; {fix}")
     except ParamsError as exc:
         integrity.ok = False
         integrity.error = str(exc)
@@ -246,7 +255,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
                             device=request.device, thresholds=thresholds,
                             seconds=time.perf_counter() - started, **fields)
 
-    integrity, cache = _check_integrity(params_dir, metadata)
+    integrity, cache = _check_integrity(params_dir, metadata, packed)
     if not integrity.ok:
         return report(integrity=integrity, source=None, inputs=inputs, heads=[], warnings=[])
 
