@@ -94,7 +94,7 @@ def _index(digits: str) -> int:
 
 
 def _template_regex(template: str, optional_prefixes: tuple[str, ...] = ()) -> re.Pattern[str]:
-    number = r"\d+"
+    number = r"[0-9]+"  # ASCII digits: \d would also take other scripts' digits
     pattern = re.escape(template)
     pattern = pattern.replace(r"\{h\}", f"(?P<h>{number})")
     pattern = pattern.replace(r"\{l\}", f"(?P<l>{number})").replace(r"\{L\}", f"(?P<l>{number})")
