@@ -82,10 +82,9 @@ class VerifyRequest:
 
 def _check_integrity(params_dir: Path, metadata: LibraryMetadata,
                      packed: PackedConfig) -> tuple[Integrity, TensorCache | None]:
-    """packed.check with md5, against the library's parameters, and the config's scheme and
-    max_batch_size against the library's; a failure is an Integrity, not an error. A directory
-    that is not a packed directory at all (no readable tensor-cache.json) still raises
-    ParamsError."""
+    """packed.check with md5, against the library's parameters and scheme; a failure is an
+    Integrity, not an error. A directory that is not a packed directory at all (no readable
+    tensor-cache.json) still raises ParamsError."""
     cache = read_tensor_cache(params_dir)
     integrity = Integrity(ok=True, shards=len(cache.shards), tensors=len(cache.tensors),
                           bytes=cache.param_bytes)
@@ -93,17 +92,23 @@ def _check_integrity(params_dir: Path, metadata: LibraryMetadata,
     try:
         check_packed(params_dir, metadata.params, against="the library", md5=True, cache=cache,
                      fix=fix)
-        for field, ours, theirs in (
-            ("quantization", packed.quantization, metadata.quantization),
-            ("max_batch_size", packed.model.max_batch_size, metadata.max_batch_size),
-        ):
-            if ours != theirs:
-                raise ParamsError(f"{params_dir / CONFIG_FILE}: {field} is {ours}, the library "
-                                  f"was compiled for {theirs}; {fix}")
+        if packed.quantization != metadata.quantization:
+            raise ParamsError(f"{params_dir / CONFIG_FILE}: quantization is "
+                              f"{packed.quantization}, the library's is {metadata.quantization}; {fix}")
     except ParamsError as exc:
         integrity.ok = False
         integrity.error = str(exc)
     return integrity, cache
+
+
+def _batch_disagreement(params_dir: Path, metadata: LibraryMetadata, packed: PackedConfig) -> list[str]:
+    """max_batch_size is one value from convert to the library (MLC-LLM reads the config's and
+    the library's); a pair that disagrees computes the same numbers, so it is a warning."""
+    if packed.model.max_batch_size == metadata.max_batch_size:
+        return []
+    return [f"{params_dir / CONFIG_FILE} says max_batch_size {packed.model.max_batch_size}, the "
+            f"library was compiled for {metadata.max_batch_size}; MLC-LLM reads both: re-run "
+            f"`medusa convert --max-batch-size {metadata.max_batch_size}` or recompile"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,12 +265,13 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
         return report(integrity=integrity, source=None, inputs=inputs, heads=[], warnings=[])
 
     with ExitStack() as stack:
-        warnings: list[str] = []
+        warnings = _batch_disagreement(params_dir, metadata, packed)
         changed: Future | None = None
         if request.source is not None:
             source = SourceUsed("checkpoint", Path(request.source), "--source")
         else:
-            recorded, warnings = _recorded_source(packed, params_dir)
+            recorded, recorded_warnings = _recorded_source(packed, params_dir)
+            warnings += recorded_warnings
             if recorded is None:
                 source = SourceUsed("packed", params_dir, "packed weights")
             else:
