@@ -61,10 +61,17 @@ def main(
     """Convert, compile and verify Medusa heads. Run `medusa COMMAND --help` for examples."""
 
 
+# Control characters a message may carry from a file (a tensor name holding a newline or a
+# terminal escape), shown escaped: a message stays one line and cannot drive the terminal.
+_CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL_CHARACTERS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
 def _say(label: str, style: str, text: str) -> None:
     """One message on stderr, whole: soft_wrap leaves wrapping to the terminal, so rich never
     folds or crops a long path (a word wider than the console) and no word is lost. Escaped:
     messages show shapes such as [batch, 64], which rich would take for markup."""
+    text = text.translate(_CONTROL_CHARACTERS)
     err.print(f"[{style}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
@@ -82,6 +89,8 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame) -> None:
+    for other in _SIGNALS:  # a second signal must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
     raise _Terminated(signum)
 
 
@@ -292,6 +301,7 @@ def convert(
     num_heads: Optional[int] = typer.Option(None, help="Keep only the first N heads."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the compiled library accepts: mlc-chat-config.json's max_batch_size, which `medusa compile` builds for and MLC-LLM's engine caps its batch at."),
+    conv_template: str = typer.Option("vicuna_v1.1", help="mlc-chat-config.json's conv_template, which MLC-LLM's engine requires: vicuna_v1.1 (the base model of the published Medusa heads), llama-2, llama-3, mistral_default, gemma_instruction, chatml, LM, or a JSON file holding MLC-LLM's Conversation object."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the weights."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT directory."),
     json_out: bool = JsonOpt,
@@ -303,7 +313,7 @@ def convert(
     request = ConvertRequest(
         source=source, output=output, dtype=dtype, quantization=quantization, layout=layout,
         num_heads=num_heads, lm_head=lm_head, force=force, allow_nonfinite=allow_nonfinite,
-        max_batch_size=max_batch_size,
+        max_batch_size=max_batch_size, conv_template=conv_template,
     )
     with _handle_errors(verbose), _byte_progress("converting") as update:
         result = convert_checkpoint(request, progress=update)
@@ -778,6 +788,7 @@ def build(
     layout: str = typer.Option("auto", help="auto, medusa1, medusa2, trtllm, vllm or mlc."),
     lm_head: Optional[Path] = typer.Option(None, help="Base-model weights file holding lm_head.weight, for heads without their own."),
     max_batch_size: int = typer.Option(DEFAULT_MAX_BATCH_SIZE, help="Largest batch the library accepts."),
+    conv_template: str = typer.Option("vicuna_v1.1", help="As for `medusa convert --conv-template`."),
     batch: int = typer.Option(4, help="Rows of random hidden states the verification uses."),
     seed: int = typer.Option(0, help="Seed of those hidden states."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTPUT."),
@@ -790,7 +801,7 @@ def build(
     request = BuildRequest(
         source=source, output=output, target=target, quantization=quantization, arch=arch,
         layout=layout, lm_head=lm_head, max_batch_size=max_batch_size, batch=batch, seed=seed,
-        force=force,
+        force=force, conv_template=conv_template,
     )
     with _handle_errors(verbose):
         with _status("building") as status:

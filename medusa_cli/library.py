@@ -12,15 +12,19 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import lzma
+import mmap
+import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .errors import InputError, error_gist
 from .quantization import SCHEMES
-from .spec import MedusaConfig, ParamSpec
+from .spec import MedusaConfig, ParamSpec, param_specs
 from .trees import MedusaTree, describe, validate_paths
 
 METADATA_FUNCTION = "_metadata"
@@ -33,6 +37,56 @@ SYSTEM_LIBRARY_SUFFIX = ".tar"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
 # A library's metadata is kilobytes to a few megabytes (a kernel report, a tree's paths).
 _MAX_METADATA_BYTES = 64 * 1024 * 1024
+
+
+# Values the metadata repeats at its top level (MLC-LLM reads them there) from model_config.
+_COPIED_FROM_MODEL_CONFIG = ("max_batch_size", "context_window_size", "prefill_chunk_size",
+                             "tensor_parallel_shards")
+
+
+def _same_int(value: Any, expected: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value == expected
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each optional field must be: (a check, its words for a message).
+_OPTIONAL_FIELDS: dict[str, tuple[Any, str]] = {
+    "target": (lambda v: isinstance(v, dict) and isinstance(v.get("kind", "llvm"), str),
+               "a TVM target object with a string kind"),
+    "target_name": (str, "a string"),
+    "device_code": (str, "a string"),
+    "cuda_arches": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+                    "a list of strings"),
+    "memory_usage": (lambda v: isinstance(v, dict) and all(_is_count(n) for n in v.values()),
+                     "an object of byte counts"),
+    "kernels": (lambda v: isinstance(v, list) and all(isinstance(k, dict) for k in v),
+                "a list of objects"),
+    "medusa_cli_version": (str, "a string"),
+}
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    return isinstance(value, kind) if isinstance(kind, type) else bool(kind(value))
+
+
+def _params(entries: Any) -> list[ParamSpec] | None:
+    """The metadata's parameter list as ParamSpecs; None where it is not a list of
+    {name, shape, dtype} entries."""
+    if not isinstance(entries, list):
+        return None
+    params = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return None
+        name, shape, dtype = entry.get("name"), entry.get("shape"), entry.get("dtype")
+        if not (isinstance(name, str) and isinstance(shape, list) and dtype in _DTYPE_BYTES
+                and all(_is_count(d) for d in shape)):
+            return None
+        params.append(ParamSpec(name, tuple(shape), dtype))
+    return params
 
 
 def library_file_name(target_name: str, quantization: str, suffix: str = ".so") -> str:
@@ -124,7 +178,10 @@ class LibraryMetadata:
 
     @classmethod
     def from_json(cls, data: Any, where: Path) -> "LibraryMetadata":
-        """Validated metadata; InputError naming the library and what is wrong."""
+        """Validated metadata; InputError naming the library and what is wrong. Everything the
+        library claims is checked against everything else it claims: the parameter list must be
+        spec.param_specs of its model_config and quantization, and the top-level copies of
+        model_config's values must agree with it."""
         def fail(what: str) -> InputError:
             return InputError(f"{where}: its metadata {what}; rebuild it with `medusa compile`")
 
@@ -137,27 +194,22 @@ class LibraryMetadata:
                    if k not in data]
         if missing:
             raise fail(f"lacks {', '.join(missing)}")
-        config = MedusaConfig.from_dict(data["model_config"], f"{where}: metadata model_config")
-        if data["max_batch_size"] != config.max_batch_size:
-            raise fail(f"says max_batch_size {data['max_batch_size']!r:.20} and model_config "
-                       f"{config.max_batch_size}")
-        if data["quantization"] not in SCHEMES:
+        try:
+            config = MedusaConfig.from_dict(data["model_config"], "model_config")
+        except InputError as exc:
+            raise fail(f"is invalid: {exc}") from None
+        for key in _COPIED_FROM_MODEL_CONFIG:
+            if key in data and not _same_int(data[key], getattr(config, key)):
+                raise fail(f"says {key} {data[key]!r:.20} and model_config {getattr(config, key)}")
+        if not isinstance(data["quantization"], str) or data["quantization"] not in SCHEMES:
             raise fail(f"names an unknown quantization {data['quantization']!r:.40}")
-        if data["dtype"] != SCHEMES[data["quantization"]].model_dtype:
-            raise fail(f"has dtype {data['dtype']!r:.20} for {data['quantization']}")
-        params = []
-        if not isinstance(data["params"], list):
-            raise fail("has no list of params")
-        for entry in data["params"]:
-            try:
-                name, shape, dtype = entry["name"], entry["shape"], entry["dtype"]
-                ok = (isinstance(name, str) and isinstance(shape, list) and dtype in _DTYPE_BYTES
-                      and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape))
-            except (TypeError, KeyError):
-                ok = False
-            if not ok:
-                raise fail(f"has a malformed parameter entry {entry!r:.80}")
-            params.append(ParamSpec(name, tuple(shape), dtype))
+        scheme = SCHEMES[data["quantization"]]
+        if data["dtype"] != scheme.model_dtype:
+            raise fail(f"has dtype {data['dtype']!r:.20} for {scheme.name}")
+        params = _params(data["params"])
+        if params is None or params != param_specs(config, scheme):
+            raise fail(f"lists params that are not those of its model_config under {scheme.name} "
+                       f"({len(param_specs(config, scheme))} tensors)")
         tree = None
         if data.get("tree") is not None:
             entry = data["tree"]
@@ -165,19 +217,23 @@ class LibraryMetadata:
                 topk = entry["topk"]
                 paths = validate_paths(entry["paths"], topk, config.medusa_num_heads,
                                        source=f"{where} (metadata)")
-                tree = LibraryTree(MedusaTree(name=str(entry["name"]), paths=paths), topk)
+                if not isinstance(entry["name"], str):
+                    raise TypeError("tree name")
+                tree = LibraryTree(MedusaTree(name=entry["name"], paths=paths), topk)
             except (KeyError, TypeError, InputError):
                 raise fail("holds a malformed tree") from None
-        target = data.get("target") if isinstance(data.get("target"), dict) else {"kind": "llvm"}
-        memory = data.get("memory_usage") if isinstance(data.get("memory_usage"), dict) else {}
-        kernels = data.get("kernels") if isinstance(data.get("kernels"), list) else []
+        for key, (kind, words) in _OPTIONAL_FIELDS.items():
+            if key in data and not _is_a(data[key], kind):
+                raise fail(f"has {key} {data[key]!r:.60}, expected {words}")
+        target = data.get("target", {"kind": "llvm"})
         return cls(
-            config=config, quantization=data["quantization"], dtype=data["dtype"], params=params,
-            target=target, target_name=str(data.get("target_name", target.get("kind", "llvm"))),
-            device_code=str(data.get("device_code", "host")),
-            cuda_arches=[str(a) for a in data.get("cuda_arches") or []],
-            memory_usage=memory, tree=tree,
-            medusa_cli_version=str(data.get("medusa_cli_version", "?")), kernels=kernels)
+            config=config, quantization=scheme.name, dtype=data["dtype"], params=params,
+            target=target, target_name=data.get("target_name", str(target.get("kind", "llvm"))),
+            device_code=data.get("device_code", "host"),
+            cuda_arches=list(data.get("cuda_arches", [])),
+            memory_usage=dict(data.get("memory_usage", {})), tree=tree,
+            medusa_cli_version=data.get("medusa_cli_version", "?"),
+            kernels=list(data.get("kernels", [])))
 
     @property
     def target_kind(self) -> str:
@@ -198,29 +254,41 @@ def metadata_c_source(metadata: LibraryMetadata) -> str:
     )
 
 
-def _decode_marked(data: bytes, where: Path) -> Any:
+_ENCODED = re.compile(rb"[A-Za-z0-9+/=\"\s]*")
+
+
+def _decode_marked(data: bytes | mmap.mmap, where: Path) -> Any:
     """The JSON after the marker in a library's bytes (a string in a .so, literal pieces in the
     .c of a .tar); KeyError where there is no marker."""
     start = data.find(METADATA_MARKER)
     if start < 0:
         raise KeyError(METADATA_MARKER)
     start += len(METADATA_MARKER)
-    match = re.compile(rb"[A-Za-z0-9+/=\"\s]*").match(data, start)
+    match = _ENCODED.match(data, start, start + 2 * _MAX_METADATA_BYTES)
     encoded = re.sub(rb"[\"\s]", b"", match.group(0))
     try:
         return json.loads(base64.b64decode(encoded))
     except (ValueError, RecursionError):
-        raise InputError(f"{where}: medusa metadata is corrupted; recompile the library") from None
+        raise InputError(f"{where}: its medusa metadata is corrupted (not base64 of a JSON "
+                         "text); recompile the library") from None
 
 
 def _read_marked(lib_path: Path) -> Any:
+    """The metadata after our marker, from the file's bytes: a shared library is mapped, not
+    read into memory; a .tar's C source is read up to _MAX_METADATA_BYTES."""
     if lib_path.suffix == SYSTEM_LIBRARY_SUFFIX:
-        with tarfile.open(lib_path) as tar:
-            member = tar.extractfile(METADATA_SOURCE)
-            data = member.read(_MAX_METADATA_BYTES) if member is not None else b""
-    else:
-        data = lib_path.read_bytes()
-    return _decode_marked(data, lib_path)
+        try:
+            with tarfile.open(lib_path) as tar:
+                member = tar.extractfile(METADATA_SOURCE)
+                data = member.read(_MAX_METADATA_BYTES) if member is not None else b""
+        except (EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:  # a corrupt archive
+            raise tarfile.TarError(str(exc)) from None
+        return _decode_marked(data, lib_path)
+    with open(lib_path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise KeyError(METADATA_MARKER)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _decode_marked(mapped, lib_path)
 
 
 def read_library_metadata(lib_path: Path, load: bool = False) -> LibraryMetadata:
@@ -228,8 +296,10 @@ def read_library_metadata(lib_path: Path, load: bool = False) -> LibraryMetadata
     string (built by MLC-LLM, say) is loaded to call its `_metadata` function only with
     load=True: loading runs the library's constructors."""
     lib_path = Path(lib_path)
-    if not lib_path.is_file():
+    if not lib_path.exists():
         raise InputError(f"{lib_path}: no such library; compile one with `medusa compile`")
+    if not lib_path.is_file():
+        raise InputError(f"{lib_path}: not a regular file; pass a library built by `medusa compile`")
     try:
         data = _read_marked(lib_path)
     except (KeyError, tarfile.TarError, OSError):

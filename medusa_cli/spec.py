@@ -75,9 +75,12 @@ class MedusaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """As MLC-LLM writes a model_config: the fields, with `kwargs` spread at the top level
-        (MLC-LLM's from_dict passes `kwargs=` itself, so a "kwargs" key would be a TypeError)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kwargs"}
-        return {**self.kwargs, **data}
+        (MLC-LLM's ConfigBase.from_dict passes `kwargs=` itself, so a "kwargs" key would be a
+        TypeError there: none is written, whatever kwargs holds)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        data = {name: getattr(self, name) for name in names - {"kwargs"}}
+        extra = {k: v for k, v in self.kwargs.items() if k not in names}
+        return {**extra, **{f.name: data[f.name] for f in dataclasses.fields(self) if f.name in data}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model_config") -> "MedusaConfig":

@@ -21,11 +21,20 @@ from typing import Any
 import numpy as np
 
 from .outputs import staged_file
-from .errors import InputError
+from .errors import InputError, first_line
 from .resources import config_file
 
 # Medusa's TOPK: ranks kept per head, and the stride between heads in tree_indices.
 DEFAULT_TOPK = 10
+# The largest tree: published Medusa trees have up to 64 nodes (mc_sim_7b_63) and sparse trees
+# in the literature a few hundred, while the attention mask alone is nodes^2 floats (a tree of
+# 11,730 nodes took 587 MB). Paths are at most as deep as there can be heads (spec.py's bound).
+MAX_TREE_PATHS = 1023
+MAX_TREE_DEPTH = 64
+# Tree files are a few kilobytes.
+_MAX_TREE_FILE_BYTES = 16 << 20
+# tree_indices are int32: 1 + topk * (depth - 1) + rank must fit.
+_INT32_MAX = (1 << 31) - 1
 
 TreePath = tuple[int, ...]
 
@@ -106,15 +115,20 @@ def load_tree(
     """
     if _is_file_spec(spec):
         path = Path(spec)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(
                 f"{path}: tree file not found; pass a JSON file or one of: "
                 f"{', '.join(shipped_trees())} (--tree)"
             )
+        if not path.is_file():
+            raise InputError(f"{path}: not a regular file; pass a JSON file of paths (--tree)")
         try:
-            text = path.read_text()
+            if path.stat().st_size > _MAX_TREE_FILE_BYTES:
+                raise InputError(f"{path}: {path.stat().st_size:,} bytes is too large for a tree "
+                                 f"file (at most {MAX_TREE_PATHS} paths)")
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: cannot read the tree file ({err})") from None
+            raise InputError(f"{path}: cannot read the tree file ({first_line(err)})") from None
         source, default_name = str(path), path.stem
     else:
         name = str(spec)
@@ -133,6 +147,10 @@ def load_tree(
         raise InputError(
             f"{source}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
         ) from None
+    except RecursionError:
+        raise InputError(f"{source}: not a tree: its JSON nests too deep") from None
+    except ValueError as err:  # an integer of thousands of digits
+        raise InputError(f"{source}: not a tree ({first_line(err)})") from None
 
     if isinstance(data, dict):
         if "paths" not in data:
@@ -168,6 +186,10 @@ def validate_paths(
         )
     if not paths:
         raise InputError(f"{source}: the tree is empty; give at least one path such as [[0]]")
+    if len(paths) > MAX_TREE_PATHS:
+        raise InputError(f"{source}: {len(paths):,} paths ({len(paths) + 1:,} nodes with the "
+                         f"root); a tree may have at most {MAX_TREE_PATHS} paths "
+                         f"({MAX_TREE_PATHS + 1} nodes)")
 
     checked: list[TreePath] = []
     seen: dict[TreePath, int] = {}
@@ -178,20 +200,24 @@ def validate_paths(
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in entry)
         ):
             raise InputError(
-                f"{source}: paths[{i}] is {entry!r}; each path must be a non-empty list of "
+                f"{source}: paths[{i}] is {entry!r:.80}; each path must be a non-empty list of "
                 "integers such as [0, 1] (the root is implicit)"
             )
+        if len(entry) > MAX_TREE_DEPTH:
+            raise InputError(f"{source}: paths[{i}] is {len(entry)} deep; at most "
+                             f"{MAX_TREE_DEPTH} (one rank per head)")
         path = tuple(int(v) for v in entry)
         if path in seen:
-            raise InputError(f"{source}: paths[{i}] {list(path)} repeats paths[{seen[path]}]; remove one")
+            raise InputError(f"{source}: paths[{i}] {_short(path)} repeats paths[{seen[path]}]; remove one")
         if min(path) < 0:
             raise InputError(
-                f"{source}: paths[{i}] {list(path)} has a negative rank; ranks count from 0 (the top token)"
+                f"{source}: paths[{i}] {_short(path)} has a negative rank; ranks count from 0 (the top token)"
             )
         if max(path) >= topk:
             raise InputError(
-                f"{source}: paths[{i}] {list(path)} uses rank {max(path)} but --topk is {topk} "
-                f"(ranks 0..{topk - 1}); raise --topk to {max(path) + 1} or drop the path"
+                f"{source}: paths[{i}] {_short(path)} uses rank {_short_int(max(path))} but "
+                f"--topk is {topk} (ranks 0..{topk - 1}); raise --topk to "
+                f"{_short_int(max(path) + 1)} or drop the path"
             )
         if num_heads is not None and len(path) > num_heads:
             raise InputError(
@@ -207,7 +233,20 @@ def validate_paths(
                 f"{source}: paths[{i}] {list(path)} has no parent: {list(path[:-1])} is not in "
                 "the tree; add it or drop the path"
             )
+    depth = max(len(path) for path in checked)
+    if 1 + topk * depth > _INT32_MAX:
+        raise InputError(f"--topk {topk}: too large for a tree {depth} deep (its candidate "
+                         f"indices are int32; at most {(_INT32_MAX - 1) // depth})")
     return tuple(sorted(checked, key=_order))
+
+
+def _short_int(value: int) -> str:
+    """An integer for a message: its digits, or how many there are when thousands."""
+    return str(value) if value.bit_length() < 64 else f"<an integer of {value.bit_length()} bits>"
+
+
+def _short(path: TreePath) -> str:
+    return "[" + ", ".join(_short_int(v) for v in path[:8]) + (", ...]" if len(path) > 8 else "]")
 
 
 # --------------------------------------------------------------------------- buffers

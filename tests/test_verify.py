@@ -382,7 +382,8 @@ def test_judge_fails_non_finite_logits_and_reports_them_as_json_null():
     actual = np.array([[1.0, np.nan, 3.0]])
     result = judge(actual, expected, _bounds(rtol=1e9, min_cosine=-1.0, min_top1=0.0), slack=0.0,
                    k=1, label="reference")
-    assert not result.passed and "max error" in result.reasons[0]
+    assert not result.passed and "NaN or Inf in 1 of 1 rows" in result.reasons[0]
+    assert "max error" in result.reasons[1]
     data = result.to_dict()
     assert data["max_abs_err"] is None
     json.dumps(data, allow_nan=False)

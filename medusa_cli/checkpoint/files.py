@@ -44,7 +44,7 @@ def read_json_file(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a {what}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         reason = "it nests too deep" if isinstance(exc, RecursionError) else first_line(exc)
         raise CheckpointError(f"{path}: not a valid {what} ({reason})") from None
 
@@ -62,6 +62,11 @@ def _open_file(path: Path):
     )
 
 
+def _plain_file_name(name: str) -> bool:
+    """A name of a file in the current folder: no separator, no '..', not absolute."""
+    return name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def read_index(index_path: Path) -> dict[str, Path]:
     """A shard index's weight_map: tensor name -> shard file, each shard a file in the index's
     own folder (a name that leads elsewhere is refused)."""
@@ -70,22 +75,23 @@ def read_index(index_path: Path) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: not a valid shard index (no \"weight_map\" object "
                               "from tensor names to shard files)")
-    folder = index_path.parent.resolve()
     shards: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index_path}: weight_map['{name}'] is {shard!r:.60}, "
+            raise CheckpointError(f"{index_path}: weight_map['{name:.200}'] is {shard!r:.60}, "
                                   "expected a shard file name")
-        path = (index_path.parent / shard)
-        if os.path.isabs(shard) or path.resolve().parent != folder:
+        # Judged by the name, not by where a symlink leads: the Hugging Face cache links every
+        # file of a snapshot into its blobs/ folder, and that is the user's doing, not the file's.
+        if not _plain_file_name(shard):
             raise CheckpointError(
-                f"{index_path}: weight_map['{name}'] points to {shard!r}, outside the index's "
-                f"folder {index_path.parent}; shards must sit beside their index")
-        shards[name] = path
+                f"{index_path}: weight_map['{name:.200}'] points to {shard!r:.200}, outside the "
+                f"index's folder {index_path.parent}; shards must sit beside their index")
+        shards[name] = index_path.parent / shard
     for path in dict.fromkeys(shards.values()):
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(
                 f"{index_path}: lists shard {path.name}, which is missing from {index_path.parent}")
+        _regular_file(path, f"shard listed in {index_path.name}")
     return shards
 
 
@@ -130,7 +136,7 @@ def read_config_hints(src: Path) -> tuple[Path | None, dict[str, Any]]:
     raw = read_json_file(path, "config.json")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return path, config_hint_values(raw)
+    return path, config_hint_values(raw, str(path))
 
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> str | None:
@@ -163,7 +169,7 @@ class Checkpoint:
                 for name in reader.keys():
                     if name in self._where:
                         raise CheckpointError(
-                            f"tensor '{name}' appears in both {self._where[name].path} and {path}"
+                            f"tensor '{name:.200}' appears in both {self._where[name].path} and {path}"
                         )
                     self._where[name] = reader
             if index is not None:
@@ -178,7 +184,7 @@ class Checkpoint:
             reader = self._where.get(name)
             if reader is None or reader.path != shard:
                 where = "in no shard" if reader is None else f"in {reader.path.name}"
-                raise CheckpointError(f"{index}: names tensor '{name}' in {shard.name}, but it is "
+                raise CheckpointError(f"{index}: names tensor '{name:.200}' in {shard.name}, but it is "
                                       f"{where}; the index does not match its shards")
 
     def names(self) -> list[str]:

@@ -73,13 +73,28 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "original_lm_head": ("original_lm_head",),
 }
 
-# Head and ResBlock indices are read from at most this many digits (int() of a longer run could
-# be slow or refused); the head plan then bounds them (spec.py) before anything is sized by them.
+# What each hint must be to be used: sizes are integers (JSON's true is not one), the vLLM flag
+# a boolean, the base model a name.
+_SIZE_HINTS = ("medusa_num_heads", "medusa_num_layers", "hidden_size", "vocab_size")
+HINT_TYPES: dict[str, tuple[type, str]] = {
+    **{field: (int, "an integer") for field in _SIZE_HINTS},
+    "base_model_name_or_path": (str, "a string"),
+    "original_lm_head": (bool, "true or false"),
+}
+
+# Head and ResBlock indices: a run of digits longer than this reads as BEYOND_ANY_INDEX (int() of
+# thousands of digits is slow, and refused past 4300); the head plan then bounds every index
+# (spec.py's limits) before anything is sized by one.
 _MAX_INDEX_DIGITS = 9
+BEYOND_ANY_INDEX = 10**_MAX_INDEX_DIGITS
+
+
+def _index(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_INDEX_DIGITS else BEYOND_ANY_INDEX
 
 
 def _template_regex(template: str, optional_prefixes: tuple[str, ...] = ()) -> re.Pattern[str]:
-    number = rf"\d{{1,{_MAX_INDEX_DIGITS}}}"
+    number = r"[0-9]+"  # ASCII digits: \d would also take other scripts' digits
     pattern = re.escape(template)
     pattern = pattern.replace(r"\{h\}", f"(?P<h>{number})")
     pattern = pattern.replace(r"\{l\}", f"(?P<l>{number})").replace(r"\{L\}", f"(?P<l>{number})")
@@ -114,7 +129,7 @@ def match_name(layout: Layout, name: str) -> HeadTensor | None:
         m = regex.match(name)
         if m:
             layer = m.groupdict().get("l")
-            return HeadTensor(role, int(m["h"]), int(layer) if layer is not None else None, name)
+            return HeadTensor(role, _index(m["h"]), _index(layer) if layer is not None else None, name)
     return None
 
 
@@ -123,7 +138,7 @@ def detect_layout(names: list[str]) -> Layout:
     scores = [(sum(1 for n in names if match_name(layout, n) is not None), layout) for layout in LAYOUTS]
     best = max(matched for matched, _ in scores)
     if best == 0:
-        shown = ", ".join(names[:5]) or "(no tensors)"
+        shown = ", ".join(name[:80] for name in names[:5]) or "(no tensors)"
         raise CheckpointError(
             f"no Medusa head tensors recognised; first names: {shown}. "
             f"Known layouts: {', '.join(LAYOUT_NAMES)} (force one with --layout)"
@@ -147,19 +162,27 @@ def check_mixed_layouts(names: list[str], chosen: Layout) -> None:
         if other:
             raise CheckpointError(
                 f"mixed layouts: tensors of '{chosen.name}' and of '{layout.name}' "
-                f"(e.g. '{other[0]}') in one checkpoint; keep one set, or force one with --layout"
+                f"(e.g. '{other[0]:.200}') in one checkpoint; keep one set, or force one with --layout"
             )
 
 
-def config_hint_values(raw: dict[str, Any]) -> dict[str, Any]:
+def config_hint_values(raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """A config.json's values under MedusaConfig's names (CONFIG_KEYS), searching the top level
-    and the objects one level down (some exports nest the Medusa fields, e.g. {"medusa": {...}})."""
+    and the objects one level down (some exports nest the Medusa fields, e.g. {"medusa": {...}}).
+    A value of the wrong type (a size that is NaN, a string or true) is a CheckpointError naming
+    `where` and the key: a hint that cannot be compared is no hint."""
     scopes = [raw] + [v for v in raw.values() if isinstance(v, dict)]
     hints = {}
     for field, spellings in CONFIG_KEYS.items():
         for scope in scopes:
-            value = next((scope[k] for k in spellings if k in scope), None)
-            if value is not None:
-                hints[field] = value
-                break
+            key = next((k for k in spellings if scope.get(k) is not None), None)
+            if key is None:
+                continue
+            value = scope[key]
+            kind, words = HINT_TYPES[field]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CheckpointError(f"{where}: \"{key}\" is {value!r:.60}, expected {words}; "
+                                      "fix or remove the key (config.json is only a hint)")
+            hints[field] = value
+            break
     return hints

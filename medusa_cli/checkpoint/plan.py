@@ -73,6 +73,15 @@ class HeadPlan:
         return names
 
 
+def _describe_slot(slot: tuple[str, int, int | None]) -> str:
+    role, head, layer = slot
+    if role == LAYER_WEIGHT:
+        return f"head {head}'s ResBlock {layer} weight"
+    if role == LAYER_BIAS:
+        return f"head {head}'s ResBlock {layer} bias"
+    return f"head {head}'s vocab projection"
+
+
 def _contiguous(indices: list[int], what: str, where, example) -> None:
     """indices (sorted) must be 0, 1, 2, ...; the error names the first missing one."""
     for expected, found in enumerate(indices):
@@ -106,9 +115,15 @@ def plan_heads(
             continue
         if tensor.head >= _MAX_HEADS or (tensor.layer or 0) > _MAX_LAYERS:
             raise CheckpointError(
-                f"{ckpt.file_of(name)}: tensor '{name}' has head {tensor.head}, ResBlock "
-                f"{tensor.layer}; at most {_MAX_HEADS} heads of {_MAX_LAYERS} ResBlocks are supported")
-        found[(tensor.role, tensor.head, tensor.layer)] = name
+                f"{ckpt.file_of(name)}: tensor '{name:.200}' names a head or ResBlock index "
+                f"beyond the limits: at most {_MAX_HEADS} heads of {_MAX_LAYERS} ResBlocks are "
+                "supported")
+        slot = (tensor.role, tensor.head, tensor.layer)
+        if slot in found:  # '00.0.linear.weight' beside '0.0.linear.weight', a prefix and none
+            raise CheckpointError(
+                f"{ckpt.src}: tensors '{found[slot]:.200}' and '{name:.200}' are both "
+                f"{_describe_slot(slot)}; keep one of them")
+        found[slot] = name
 
     heads = sorted({h for (_, h, _) in found})
     if not heads:
@@ -122,20 +137,22 @@ def plan_heads(
         raise InputError(f"--num-heads {num_heads}: the checkpoint has {available} heads (1..{available})")
     count = num_heads or available
 
-    layer_sets = [{l for (role, h, l) in found if role == LAYER_WEIGHT and h == head}
+    layer_sets = [sorted({l for (role, h, l) in found if role == LAYER_WEIGHT and h == head})
                   for head in range(available)]
-    # every head must have ResBlocks 0 .. num_layers - 1, num_layers the most any head has
-    num_layers = max(len(ids) for ids in layer_sets)
+    # every head must have ResBlocks 0 .. num_layers - 1, num_layers one past the highest index
+    # any head has
+    num_layers = max((ids[-1] + 1 for ids in layer_sets if ids), default=0)
     for head, layer_ids in enumerate(layer_sets):
         missing = next((l for l in range(num_layers) if l not in layer_ids), None)
         if missing is not None:
+            held = f"has ResBlocks {layer_ids}" if layer_ids else "has no ResBlocks"
             raise CheckpointError(
-                f"{ckpt.src}: head {head} has no ResBlock {missing}: tensor "
+                f"{ckpt.src}: head {head} {held} but no ResBlock {missing}: tensor "
                 f"'{layout.layer_weight.format(h=head, l=missing)}' is missing (the heads have "
-                f"up to {num_layers} ResBlocks; every head needs as many)")
+                f"up to {num_layers} ResBlocks; every head needs ResBlocks 0..{num_layers - 1})")
     for (role, head, layer), name in found.items():
         if role == LAYER_BIAS and not (head < available and layer is not None and layer < num_layers):
-            raise CheckpointError(f"{ckpt.file_of(name)}: bias '{name}' belongs to no ResBlock "
+            raise CheckpointError(f"{ckpt.file_of(name)}: bias '{name:.200}' belongs to no ResBlock "
                                   "of the checkpoint (its weight is missing)")
 
     layers = [[(found[(LAYER_WEIGHT, head, i)], found.get((LAYER_BIAS, head, i)))
@@ -185,13 +202,13 @@ def plan_heads(
         found_shape = source.shape(name)
         if found_shape != shape:
             raise CheckpointError(
-                f"{source.file_of(name)}: tensor '{name}' has shape {list(found_shape)}, "
+                f"{source.file_of(name)}: tensor '{name:.200}' has shape {list(found_shape)}, "
                 f"expected {list(shape)} (hidden_size {hidden_size}, vocab_size {vocab_size} "
                 "from head 0)"
             )
         if dtype_name(source.dtype(name)) not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{source.file_of(name)}: tensor '{name}' has dtype {source.dtype(name)}, "
+                f"{source.file_of(name)}: tensor '{name:.200}' has dtype {source.dtype(name)}, "
                 f"expected {', '.join(FLOAT_DTYPES)}"
             )
 

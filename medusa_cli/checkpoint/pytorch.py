@@ -11,8 +11,13 @@ Since torch 1.6, ``torch.save`` writes a zip archive whose members share one pre
   <prefix>/version     archive format version, '3'.
 
 The reader unpickles data.pkl against an allowlist (``_ALLOWED_GLOBALS``). Any other global is
-refused with UnsafePickleError at its GLOBAL opcode, before a REDUCE could call it. Tensors
-unpickle to small records; their bytes are read one tensor at a time by ``get_tensor``.
+refused with UnsafePickleError at its GLOBAL opcode, before a REDUCE could call it. The opcodes
+that mutate an object (BUILD, SETITEM(S), APPEND(S), ADDITEMS) apply only to containers this
+unpickling made, so no pickle can change an allowed object for the next file read in the process;
+the opcodes that construct arbitrary classes (NEWOBJ, INST, OBJ) and out-of-band buffers are
+refused. data.pkl is capped in bytes (before it is decompressed) and in opcodes. Tensors unpickle
+to small records, each checked against its storage (no overlapping strides, nothing past its
+end); their bytes are read one tensor at a time by ``get_tensor``.
 
 The writer emits the same pickle opcode by opcode, so no torch class has to exist here.
 """
@@ -35,7 +40,8 @@ import ml_dtypes
 import numpy as np
 
 from ..outputs import staged_file
-from ..errors import CheckpointError, UnsafePickleError
+from ..errors import CheckpointError, UnsafePickleError, first_line
+from .safetensors import INT64_LIMIT, fits_int64
 
 # Typed storage classes torch names in persistent ids, and the element each holds.
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -95,6 +101,28 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # magic, ..., file name length, extra field length
 
+# data.pkl is read into memory: a state dict's pickle takes about 150 bytes and 30 opcodes per
+# tensor (a 70B model's 723 tensors: about 110 KB), so these caps sit far above any real one. The
+# byte cap is checked against the size the archive declares, before anything is decompressed;
+# the opcode cap bounds the objects a pickle can make (each opcode makes at most one: a million
+# empty lists, the worst case, hold about 140 MB).
+_MAX_PICKLE_BYTES = 32 << 20
+_MAX_PICKLE_OPCODES = 1_000_000
+# The byteorder record holds 'little' or 'big'.
+_MAX_BYTEORDER_BYTES = 16
+# The most deflate can expand: 1032 bytes out per byte in.
+_MAX_DEFLATE_RATIO = 1032
+_READABLE_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError)
+
+
+def _zip_problem(exc: BaseException) -> str:
+    """What a zip read error means, never empty (zipfile raises a bare EOFError where a
+    compressed member ends early)."""
+    if isinstance(exc, EOFError) and not str(exc):
+        return "its compressed data ends early"
+    return first_line(exc)
+
 
 # Records are frozen and slotted: a pickle BUILD opcode can neither set their attributes nor
 # fill a __dict__, so what the checks below validate is what get_tensor reads.
@@ -140,19 +168,22 @@ class _TensorRecord:
     stride: tuple[int, ...]
 
 
+def _is_index(value: object) -> bool:
+    """A non-negative int64, as torch stores sizes, strides and offsets."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT64_LIMIT
+
+
 def _check_ints(value: object, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    ):
-        raise ValueError(f"tensor {what} {value!r:.80} is not a tuple of non-negative ints")
+    if not isinstance(value, (tuple, list)) or not all(_is_index(v) for v in value):
+        raise ValueError(f"tensor {what} is not a tuple of non-negative int64 integers")
     return tuple(value)
 
 
 def _rebuild_tensor(storage: object, offset: object, size: object, stride: object) -> _TensorRecord:
     if not isinstance(storage, _StorageRef):
         raise ValueError(f"tensor storage is a {type(storage).__name__}, not a storage id")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValueError(f"tensor storage offset {offset!r:.80} is not a non-negative int")
+    if not _is_index(offset):
+        raise ValueError("tensor storage offset is not a non-negative int64 integer")
     shape = _check_ints(size, "shape")
     strides = _check_ints(stride, "stride")
     if len(shape) != len(strides):
@@ -194,21 +225,48 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 }
 
 
-class _StateDictUnpickler(pickle.Unpickler):
+def _opcode_name(code: int) -> str:
+    return next((name for name in dir(pickle) if name.isupper()
+                 and getattr(pickle, name) == bytes([code])), f"opcode {code}")
+
+
+def _refuse_opcode(code: int):
+    def refuse(self: _StateDictUnpickler) -> None:
+        raise self.unsafe(f"uses the {_opcode_name(code)} opcode")
+    return refuse
+
+
+class _StateDictUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, whose opcodes are methods (the C unpickler's cannot be
+    replaced), closed to what a state dict needs: allowed globals only, fresh records from
+    find_class, mutation only of containers it made, at most _MAX_PICKLE_OPCODES opcodes."""
+
+    dispatch: dict = {}
+
     def __init__(self, data: bytes, path: Path):
         super().__init__(io.BytesIO(data))
         self._path = path
+        self._opcodes = 0
+        # the containers this unpickling made, by id; holding them keeps their ids from being
+        # reused by another object while the unpickling runs
+        self._fresh: dict[int, object] = {}
+
+    def unsafe(self, what: str) -> UnsafePickleError:
+        return UnsafePickleError(
+            f"refusing to unpickle {self._path}: its data.pkl {what}, which a plain state dict "
+            "never does; nothing in it was run. If you trust the file, load it with torch and "
+            "re-save only the state dict (torch.save(model.state_dict(), path)) or convert it "
+            "to safetensors"
+        )
 
     def find_class(self, module: str, name: str) -> object:
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            value = _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise UnsafePickleError(
-                f"refusing to unpickle {self._path}: its data.pkl asks for '{module}.{name}', "
-                "which a plain state dict never uses; nothing in it was run. If you trust the "
-                "file, load it with torch and re-save only the state dict "
-                "(torch.save(model.state_dict(), path)) or convert it to safetensors"
-            ) from None
+            raise self.unsafe(f"asks for '{module}.{name}'") from None
+        if isinstance(value, (_StorageType, _TorchDtype)):
+            return dataclasses.replace(value)  # a record of its own: nothing shared is handed out
+        return value
 
     def persistent_load(self, pid: object) -> _StorageRef:
         if not (
@@ -217,12 +275,94 @@ class _StateDictUnpickler(pickle.Unpickler):
             and pid[0] == "storage"
             and isinstance(pid[1], _StorageType)
             and isinstance(pid[2], str)
-            and isinstance(pid[4], int)
-            and pid[4] >= 0
+            and _is_index(pid[4])
         ):
-            raise ValueError(f"unexpected persistent id {pid!r:.80}")
+            raise ValueError(f"unexpected persistent id of a {type(pid).__name__}")
         # pid[3] is the device the storage lived on ('cpu', 'cuda:0'); the bytes are the same
         return _StorageRef(key=pid[2], dtype=pid[1].dtype, numel=pid[4])
+
+    # --- the opcodes that make containers: remember what they made
+
+    def _made(self, obj: object) -> None:
+        self._fresh[id(obj)] = obj
+
+    def _is_fresh(self, obj: object, kinds: tuple[type, ...]) -> bool:
+        return isinstance(obj, kinds) and self._fresh.get(id(obj)) is obj
+
+    def _build(self) -> None:
+        """BUILD: torch.save sets `_metadata` on the state dict's OrderedDict this way. Allowed on
+        an OrderedDict this unpickling made, with a dict of str keys as its state, which is
+        dropped (nothing here reads it)."""
+        if len(self.stack) < 2:
+            raise ValueError("BUILD with nothing to build")
+        target, state = self.stack[-2], self.stack[-1]
+        if not self._is_fresh(target, (collections.OrderedDict,)):
+            raise self.unsafe(f"uses BUILD on a {type(target).__name__} it did not create")
+        if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise self.unsafe(f"uses BUILD with a {type(state).__name__} as state")
+        self.stack.pop()
+
+    def _reduce(self) -> None:
+        func = self.stack[-2] if len(self.stack) >= 2 else None
+        pickle._Unpickler.load_reduce(self)
+        if func is collections.OrderedDict:
+            self._made(self.stack[-1])
+
+
+def _making(base):
+    def run(self: _StateDictUnpickler) -> None:
+        base(self)
+        self._made(self.stack[-1])
+    return run
+
+
+def _mutating(base, kinds: tuple[type, ...], operands: int | None):
+    """An opcode that mutates its target, allowed only on a container of `kinds` this unpickling
+    made. operands: the stack items it consumes above its target (None: all those above the
+    mark, the target being the top of the stack below it)."""
+    name = base.__name__.removeprefix("load_").upper()
+
+    def run(self: _StateDictUnpickler) -> None:
+        if operands is None:
+            below = self.metastack[-1] if self.metastack else []
+            target = below[-1] if below else None
+        else:
+            target = self.stack[-1 - operands] if len(self.stack) > operands else None
+        if not self._is_fresh(target, kinds):
+            raise self.unsafe(f"uses {name} on a {type(target).__name__} it did not create")
+        base(self)
+    return run
+
+
+def _counted(method):
+    def run(self: _StateDictUnpickler) -> None:
+        self._opcodes += 1
+        if self._opcodes > _MAX_PICKLE_OPCODES:
+            raise CheckpointError(f"{self._path}: data.pkl runs more than {_MAX_PICKLE_OPCODES:,} "
+                                  "pickle opcodes, far beyond any state dict's; it is not one")
+        method(self)
+    return run
+
+
+def _dispatch_table() -> dict:
+    base = pickle._Unpickler
+    table = dict(base.dispatch)
+    for op in (pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.LIST, pickle.DICT, pickle.EMPTY_SET):
+        table[op[0]] = _making(table[op[0]])
+    table[pickle.REDUCE[0]] = _StateDictUnpickler._reduce
+    table[pickle.BUILD[0]] = _StateDictUnpickler._build
+    table[pickle.SETITEM[0]] = _mutating(base.load_setitem, (dict,), 2)
+    table[pickle.SETITEMS[0]] = _mutating(base.load_setitems, (dict,), None)
+    table[pickle.APPEND[0]] = _mutating(base.load_append, (list,), 1)
+    table[pickle.APPENDS[0]] = _mutating(base.load_appends, (list,), None)
+    table[pickle.ADDITEMS[0]] = _mutating(base.load_additems, (set,), None)
+    for op in (pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.INST, pickle.OBJ, pickle.PERSID,
+               pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        table[op[0]] = _refuse_opcode(op[0])
+    return {code: _counted(method) for code, method in table.items()}
+
+
+_StateDictUnpickler.dispatch = _dispatch_table()
 
 
 def _tensors_in(mapping: dict) -> dict[str, _TensorRecord]:
@@ -287,6 +427,19 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> int:
+    """Fill the uint8 `buffer` from fd at `offset`, past the file object's buffer (what the file
+    holds now); the bytes read, fewer where the file ends."""
+    view = memoryview(buffer)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
 def _describe_unreadable(path: Path, head: bytes) -> str:
     """Why a file that zipfile rejects is not a torch.save checkpoint, judged by its first bytes."""
     if not head:
@@ -313,7 +466,10 @@ class TorchCheckpoint:
             self._file: BinaryIO = open(self.path, "rb")
         except OSError as exc:
             raise CheckpointError(f"cannot open checkpoint {self.path}: {exc.strerror}") from None
+        # data offset of each member, filled as members are checked
+        self._data_offsets: dict[str, int] = {}
         try:
+            self._size = os.fstat(self._file.fileno()).st_size
             self._zip = self._open_zip()
             self._infos = {info.filename: info for info in self._zip.infolist()}
             self._prefix = self._find_prefix()
@@ -324,15 +480,37 @@ class TorchCheckpoint:
         except BaseException:
             self._file.close()
             raise
-        # data offset of each stored member, filled on first read
-        self._data_offsets: dict[str, int] = {}
 
     def _open_zip(self) -> zipfile.ZipFile:
         try:
             return zipfile.ZipFile(self._file)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        except Exception:  # zipfile parsing a foreign file can fail in many ways; all mean one thing
             self._file.seek(0)
             raise CheckpointError(_describe_unreadable(self.path, self._file.read(512))) from None
+
+    def _check_member(self, info: zipfile.ZipInfo, cap: int | None = None) -> None:
+        """A member is readable before any of it is: not encrypted, stored or deflated, within
+        `cap` declared bytes, and its bytes (as declared) inside the file."""
+        where = f"{self.path}: member {info.filename:.200}"
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"{where} is encrypted; torch.save writes plain archives")
+        if info.compress_type not in _READABLE_COMPRESSION:
+            raise CheckpointError(
+                f"{where} uses zip compression method {info.compress_type}; torch.save stores "
+                f"members uncompressed (readable: {', '.join(_READABLE_COMPRESSION.values())})")
+        if cap is not None and info.file_size > cap:
+            raise CheckpointError(f"{where} declares {info.file_size:,} bytes, more than the "
+                                  f"{cap:,} it may hold in a state dict; the file is not a plain "
+                                  "state dict")
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 64:
+            raise CheckpointError(f"{where} declares {info.file_size:,} bytes, more than its "
+                                  f"{info.compress_size:,} compressed bytes can hold; the file is "
+                                  "corrupt")
+        end = self._data_offset(info) + (info.file_size if stored else info.compress_size)
+        if end > self._size:
+            raise CheckpointError(f"{where} declares bytes up to {end:,}, past the end of the "
+                                  f"{self._size:,}-byte file; it is truncated or corrupt")
 
     def _find_prefix(self) -> str:
         names = list(self._infos)
@@ -340,7 +518,7 @@ class TorchCheckpoint:
         if len(prefixes) != 1:
             raise CheckpointError(
                 f"{self.path} is a zip archive but not a torch.save checkpoint: expected one "
-                f"<prefix>/data.pkl, found {len(prefixes)} among {names[:5]}"
+                f"<prefix>/data.pkl, found {len(prefixes)} among {[n[:80] for n in names[:5]]}"
             )
         prefix = prefixes[0]
         if f"{prefix}/constants.pkl" in names:
@@ -350,17 +528,22 @@ class TorchCheckpoint:
             )
         return prefix
 
-    def _read_member(self, name: str) -> bytes:
+    def _read_member(self, name: str, cap: int) -> bytes:
+        """A small member's bytes, its declared size checked against `cap` before any of it is
+        read or decompressed (zipfile stops at the declared size)."""
+        info = self._infos[name]
+        self._check_member(info, cap)
         try:
-            return self._zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            return self._zip.read(info)
+        except _ZIP_ERRORS as exc:
             raise CheckpointError(
-                f"cannot read {name} from {self.path}, which is corrupt: {exc}"
+                f"cannot read {name} from {self.path}, which is corrupt: {_zip_problem(exc)}"
             ) from None
 
     def _check_byteorder(self) -> None:
         name = f"{self._prefix}/byteorder"
-        order = self._read_member(name).strip() if name in self._infos else b"little"
+        order = self._read_member(name, _MAX_BYTEORDER_BYTES).strip() if name in self._infos \
+            else b"little"
         if order == b"big":
             raise CheckpointError(
                 f"{self.path} was saved on a big-endian machine (byteorder 'big'); medusa-cli "
@@ -373,16 +556,16 @@ class TorchCheckpoint:
             )
 
     def _unpickle(self) -> object:
-        data = self._read_member(f"{self._prefix}/data.pkl")
+        data = self._read_member(f"{self._prefix}/data.pkl", _MAX_PICKLE_BYTES)
         try:
             return _StateDictUnpickler(data, self.path).load()
-        except UnsafePickleError:
+        except CheckpointError:  # UnsafePickleError, the opcode cap
             raise
         except Exception as exc:
             # a corrupt pickle can fail in any opcode with any exception type
             raise CheckpointError(
                 f"cannot unpickle data.pkl in {self.path}: it is corrupt or not a plain "
-                f"state dict ({exc})"
+                f"state dict ({first_line(exc):.200})"
             ) from None
 
     def _storage_members(self) -> dict[str, zipfile.ZipInfo]:
@@ -394,30 +577,50 @@ class TorchCheckpoint:
             member = self._infos.get(member_name)
             if member is None:
                 raise CheckpointError(
-                    f"tensor '{name}' in {self.path} uses storage {member_name}, which the "
+                    f"tensor '{name:.200}' in {self.path} uses storage {member_name}, which the "
                     "archive lacks; the file is truncated or corrupt"
                 )
+            if key not in members:
+                self._check_member(member)
+            if not fits_int64(record.shape):
+                raise CheckpointError(f"tensor '{name:.200}' in {self.path} has shape "
+                                      f"{record.shape}, too large: its element count does not "
+                                      "fit in int64")
             if member.file_size < record.storage.nbytes:
                 raise CheckpointError(
                     f"storage {member_name} in {self.path} holds {member.file_size} bytes, but "
-                    f"tensor '{name}' declares {record.storage.nbytes}; the file is corrupt"
+                    f"tensor '{name:.200}' declares {record.storage.nbytes}; the file is corrupt"
                 )
             end = (record.offset + _extent(record.shape, record.stride)) * record.dtype.itemsize
             if end > record.storage.nbytes:
                 raise CheckpointError(
-                    f"tensor '{name}' in {self.path} (shape {record.shape}, stride "
+                    f"tensor '{name:.200}' in {self.path} (shape {record.shape}, stride "
                     f"{record.stride}, offset {record.offset}) reaches byte {end} of a "
                     f"{record.storage.nbytes}-byte storage; the file is corrupt"
                 )
+            self._check_view(name, record)
             members[key] = member
         return members
+
+    def _check_view(self, name: str, record: _TensorRecord) -> None:
+        """A tensor takes no more memory than its storage holds: overlapping strides (a
+        broadcast) are read only while the tensor has no more bytes than the storage, so no
+        file "views" 4 bytes as 4 TiB."""
+        where = f"tensor '{name:.200}' in {self.path} (shape {record.shape}, stride {record.stride})"
+        nbytes = record.dtype.itemsize
+        for d in record.shape:
+            nbytes *= d
+        if nbytes > record.storage.nbytes:
+            raise CheckpointError(
+                f"{where} has strides that overlap: it views {nbytes:,} bytes over a "
+                f"{record.storage.nbytes:,}-byte storage; re-save it with tensor.contiguous()")
 
     def _record(self, name: str) -> _TensorRecord:
         try:
             return self._records[name]
         except KeyError:
             raise CheckpointError(
-                f"no tensor '{name}' in {self.path}; it holds {len(self._records)} tensors, "
+                f"no tensor '{name:.200}' in {self.path}; it holds {len(self._records)} tensors, "
                 f"e.g. {list(self._records)[:3]}"
             ) from None
 
@@ -433,7 +636,7 @@ class TorchCheckpoint:
     def get_tensor(self, name: str) -> np.ndarray:
         record = self._record(name)
         if self._file.closed:
-            raise CheckpointError(f"cannot read tensor '{name}': {self.path} was closed")
+            raise CheckpointError(f"cannot read tensor '{name:.200}': {self.path} was closed")
         itemsize = record.dtype.itemsize
         start = record.offset * itemsize
         if _is_contiguous(record.shape, record.stride):
@@ -453,23 +656,24 @@ class TorchCheckpoint:
         buffer = out.reshape(-1).view(np.uint8)  # (nbytes,) over out's memory
         try:
             if member.compress_type == zipfile.ZIP_STORED:
-                self._file.seek(self._data_offset(member) + start)
-                got = self._file.readinto(buffer)
+                got = _pread_into(self._file.fileno(), buffer, self._data_offset(member) + start)
             else:
                 with self._zip.open(member) as stream:
                     stream.seek(start)
                     got = stream.readinto(buffer)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-            raise CheckpointError(f"cannot read tensor '{name}' from {self.path}: {exc}") from None
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(
+                f"cannot read tensor '{name:.200}' from {self.path}, which is corrupt: "
+                f"{_zip_problem(exc)}") from None
         if got != buffer.nbytes:
             raise CheckpointError(
-                f"tensor '{name}' in {self.path} ends after {got} of {buffer.nbytes} bytes; "
+                f"tensor '{name:.200}' in {self.path} ends after {got} of {buffer.nbytes} bytes; "
                 "the file is truncated"
             )
 
     def _data_offset(self, member: zipfile.ZipInfo) -> int:
-        """Where a stored member's bytes start: after its local header, whose extra field
-        (torch's alignment padding) may differ in length from the central directory's."""
+        """Where a member's bytes start: after its local header, whose extra field (torch's
+        alignment padding) may differ in length from the central directory's."""
         offset = self._data_offsets.get(member.filename)
         if offset is None:
             self._file.seek(member.header_offset)
@@ -648,7 +852,7 @@ def _storage_array(name: object, value: object) -> np.ndarray:
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _DTYPE_STORAGE_NAMES:
         raise CheckpointError(
-            f"tensor '{name}' has dtype {array.dtype}, which torch.save checkpoints written by "
+            f"tensor '{name:.200}' has dtype {array.dtype}, which torch.save checkpoints written by "
             "medusa-cli do not support; use one of: "
             f"{', '.join(str(d) for d in _DTYPE_STORAGE_NAMES)}"
         )
@@ -671,7 +875,7 @@ def save_torch_checkpoint(
                 array = _storage_array(name, value)
                 if name in entries:
                     raise CheckpointError(
-                        f"tensor '{name}' appears twice; tensor names must be unique"
+                        f"tensor '{name:.200}' appears twice; tensor names must be unique"
                     )
                 ref = writer.add_storage(array)
                 stride = _contiguous_stride(array.shape)

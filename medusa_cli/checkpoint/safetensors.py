@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..dtypes import NUMPY_DTYPES
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError
 
 # Real headers are kilobytes; the reference reader refuses more than 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -62,13 +62,29 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"tensor '{key}' appears twice in the header")
+            raise ValueError(f"tensor '{key:.200}' appears twice in the header")
         seen[key] = value
     return seen
 
 
+# Dimensions, element counts and offsets must fit in int64, as numpy and torch index them: a
+# shape whose count only Python's integers can hold (or one that wraps to zero in int64, such as
+# [2**64, 0]) describes no array anyone wrote.
+INT64_LIMIT = 1 << 63
+
+
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INT64_LIMIT
+
+
+def fits_int64(shape) -> bool:
+    """The shape's non-zero dimensions multiply to an int64 (so does the element count)."""
+    product = 1
+    for d in shape:
+        product *= max(d, 1)
+        if product >= INT64_LIMIT:
+            return False
+    return True
 
 
 def parse_header(header: dict, data_bytes: int) -> dict[str, _Entry]:
@@ -82,23 +98,27 @@ def parse_header(header: dict, data_bytes: int) -> dict[str, _Entry]:
                 raise ValueError("__metadata__ is not an object")
             continue
         if not isinstance(info, dict):
-            raise ValueError(f"tensor '{name}': entry is a {type(info).__name__}, not an object")
+            raise ValueError(f"tensor '{name:.200}': entry is a {type(info).__name__}, not an object")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(code, str) or code not in DTYPE_CODES:
-            raise ValueError(f"tensor '{name}': unsupported dtype {code!r:.40}")
+            raise ValueError(f"tensor '{name:.200}': unsupported dtype {code!r:.40}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise ValueError(f"tensor '{name}': shape {shape!r:.80} is not a list of non-negative integers")
+            raise ValueError(f"tensor '{name:.200}': shape {shape!r:.80} is not a list of non-negative "
+                             "int64 integers")
+        if not fits_int64(shape):
+            raise ValueError(f"tensor '{name:.200}': shape {shape!r:.80} is too large (its element "
+                             "count does not fit in int64)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
-            raise ValueError(f"tensor '{name}': data_offsets {offsets!r:.80} are not two "
-                             "non-negative integers [begin, end]")
+            raise ValueError(f"tensor '{name:.200}': data_offsets {offsets!r:.80} are not two "
+                             "non-negative int64 integers [begin, end]")
         dtype = NUMPY_DTYPES[DTYPE_CODES[code]]
         elements = 1
         for d in shape:  # Python integers: no overflow, however hostile the shape
             elements *= d
         begin, end = offsets
         if end - begin != elements * dtype.itemsize:
-            raise ValueError(f"tensor '{name}': data_offsets {begin}..{end} hold {end - begin} "
+            raise ValueError(f"tensor '{name:.200}': data_offsets {begin}..{end} hold {end - begin} "
                              f"bytes, shape {shape} {code} needs {elements * dtype.itemsize}")
         entries[name] = _Entry(dtype, tuple(shape), begin, end - begin)
         spans.append((begin, end, name))
@@ -106,7 +126,7 @@ def parse_header(header: dict, data_bytes: int) -> dict[str, _Entry]:
     for begin, end, name in sorted(spans):
         if begin != position:
             what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
-            raise ValueError(f"tensor '{name}': data_offsets {begin}..{end} {what} (expected to "
+            raise ValueError(f"tensor '{name:.200}': data_offsets {begin}..{end} {what} (expected to "
                              f"start at {position})")
         position = end
     if position != data_bytes:
@@ -125,7 +145,9 @@ class SafetensorsFile:
             self._entries = self._read_header()
         except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:
             self.close()
-            reason = "the header nests too deep" if isinstance(exc, RecursionError) else first_line(exc)
+            # the whole message: ours name the tensor, whose name may hold a newline
+            reason = "the header nests too deep" if isinstance(exc, RecursionError) else \
+                (str(exc).strip() or type(exc).__name__)
             raise CheckpointError(
                 f"{self.path}: not a readable safetensors file ({reason}); it may be truncated "
                 "or corrupt, download it again"

@@ -16,14 +16,15 @@ from pathlib import Path
 
 from ..compiler.targets import resolve_target
 from ..devices import device_visible
-from ..errors import InputError, VerificationFailed
+from ..errors import VerificationFailed
 from ..library import library_file_name
 from ..outputs import check_not_overlapping, check_output_dir, staged_directory
+from ..packed.config import DEFAULT_CONV_TEMPLATE
 from ..quantization import get_scheme
 from ..spec import DEFAULT_MAX_BATCH_SIZE
 from .compile import CompileRequest, compile_heads
 from .convert import ConvertRequest, convert_checkpoint
-from .verify import VerifyRequest, verify_heads
+from .verify import VerifyRequest, check_seed_and_batch, verify_heads
 
 PARAMS_SUBDIR = "params"
 REPORT_FILE = "build-report.json"
@@ -42,6 +43,8 @@ class BuildRequest:
     # base-model weights file holding lm_head.weight, for heads without their own
     lm_head: Path | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # mlc-chat-config.json's conv_template (as for `medusa convert --conv-template`)
+    conv_template: str | Path = DEFAULT_CONV_TEMPLATE
     # hidden-state rows and seed of the verification
     batch: int = 4
     seed: int = 0
@@ -116,8 +119,7 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
     output = Path(request.output)
     check_output_dir(output, request.force)
     check_not_overlapping(output, [("SRC", Path(request.source)), ("--lm-head", request.lm_head)])
-    if request.batch < 1:
-        raise InputError(f"--batch {request.batch}: must be at least 1")
+    check_seed_and_batch(request.seed, request.batch)
     if request.quantization is not None:
         get_scheme(request.quantization)
     # Resolved before any work so an unknown target or missing toolchain costs nothing.
@@ -132,6 +134,7 @@ def build_heads(request: BuildRequest, stage: Callable[[str], None] | None = Non
         converted = convert_checkpoint(ConvertRequest(
             source=request.source, output=staging / PARAMS_SUBDIR, quantization=request.quantization,
             layout=request.layout, lm_head=request.lm_head, max_batch_size=request.max_batch_size,
+            conv_template=request.conv_template,
         ))
         seconds["convert"] = time.perf_counter() - started
 

@@ -18,7 +18,7 @@ from ..checkpoint.plan import FROM_CHECKPOINT, HeadPlan, config_disagreements, i
 from ..checkpoint.safetensors import FileRegion
 from ..errors import CheckpointError, InputError
 from ..outputs import check_not_overlapping, check_output_dir, staged_directory
-from ..packed.config import CONFIG_FILE, PackedConfig
+from ..packed.config import CONFIG_FILE, DEFAULT_CONV_TEMPLATE, PackedConfig, resolve_conv_template
 from ..packed.tensor_cache import write_tensor_cache
 from ..spec import DEFAULT_MAX_BATCH_SIZE, MAX_BATCH_SIZE, MedusaConfig
 
@@ -38,6 +38,8 @@ class ConvertRequest:
     allow_nonfinite: bool = False
     # the largest batch the compiled library will accept (mlc-chat-config.json's max_batch_size)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # mlc-chat-config.json's conv_template: a shipped template's name or a JSON file of one
+    conv_template: str | Path = DEFAULT_CONV_TEMPLATE
 
 
 @dataclasses.dataclass
@@ -131,7 +133,7 @@ def _converted_stream(
         if not allow_nonfinite and not all_finite(array):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
             raise CheckpointError(
-                f"tensor '{source_name}' has {bad} NaN/Inf values; fix the checkpoint or pass "
+                f"tensor '{source_name:.200}' has {bad} NaN/Inf values; fix the checkpoint or pass "
                 "--allow-nonfinite"
             )
         done += array.nbytes
@@ -158,6 +160,7 @@ def convert_checkpoint(
     if not 1 <= request.max_batch_size <= MAX_BATCH_SIZE:
         raise InputError(f"--max-batch-size {request.max_batch_size}: must be between 1 and {MAX_BATCH_SIZE}")
     check_not_overlapping(output, [("SRC", Path(request.source)), ("--lm-head", request.lm_head)])
+    conv_template = resolve_conv_template(request.conv_template)
 
     with ExitStack() as stack:
         ckpt = stack.enter_context(Checkpoint(request.source))
@@ -207,7 +210,8 @@ def convert_checkpoint(
                     "config_disagreements": [dataclasses.asdict(d) for d in disagreements],
                     "base_model_name_or_path": hints.get("base_model_name_or_path"),
                 }
-                packed = PackedConfig(model=config, quantization=scheme.name, source=provenance)
+                packed = PackedConfig(model=config, quantization=scheme.name, source=provenance,
+                                      conv_template=conv_template)
                 (staging / CONFIG_FILE).write_text(packed.to_json())
                 stage.publish()
         except OSError as exc:  # a full disk, a source file cut short...: no traceback

@@ -113,6 +113,8 @@ def write_example(request: ExampleRequest) -> ExampleResult:
         raise InputError(f"unknown format '{file_format}'; choose one of: {', '.join(FILE_FORMATS)} (--format)")
     if request.shards < 1:
         raise InputError(f"--shards {request.shards}: must be at least 1")
+    if request.seed < 0:
+        raise InputError(f"--seed {request.seed}: must be a non-negative integer")
     config, base_model = preset_config(request.preset)
     output = Path(request.output)
     check_output_dir(output, request.force, flag="OUT")

@@ -117,7 +117,7 @@ def inspect_path(path: Path, load: bool = False) -> InspectReport:
     path = Path(path)
     if path.is_dir() and (path / TENSOR_CACHE_FILE).is_file():
         return inspect_packed(path)
-    if path.is_file() and path.suffix in SHARED_LIBRARY_SUFFIXES + (SYSTEM_LIBRARY_SUFFIX,):
+    if not path.is_dir() and path.suffix in SHARED_LIBRARY_SUFFIXES + (SYSTEM_LIBRARY_SUFFIX,):
         return inspect_library(path, load)
     return inspect_checkpoint(path)
 

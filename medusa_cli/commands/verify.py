@@ -35,7 +35,7 @@ from ..packed.tensor_cache import TensorCache, read_tensor_cache
 from ..quantization import QuantScheme, cast_to, get_scheme
 from ..runtime.heads import candidates_in_batches, load_heads, logits_in_batches
 from ..runtime.inputs import load_hidden_states
-from ..spec import MedusaConfig
+from ..spec import MAX_BATCH_SIZE, MedusaConfig
 from ..trees import build_buffers, generate_candidates
 from ..verify.judge import judge, tie_slack
 from ..verify.oracle import HIDDEN_STD, head_logits, random_hidden
@@ -77,25 +77,48 @@ class VerifyRequest:
 
 
 
-def _check_integrity(params_dir: Path, metadata: LibraryMetadata) -> tuple[Integrity, TensorCache | None]:
-    """packed.check with md5, against the library's parameters; a failure is an Integrity, not
-    an error. A directory that is not a packed directory at all (no readable tensor-cache.json)
-    still raises ParamsError."""
+def _check_integrity(params_dir: Path, metadata: LibraryMetadata,
+                     packed: PackedConfig) -> tuple[Integrity, TensorCache | None]:
+    """packed.check with md5, against the library's parameters and scheme; a failure is an
+    Integrity, not an error. A directory that is not a packed directory at all (no readable
+    tensor-cache.json) still raises ParamsError."""
     cache = read_tensor_cache(params_dir)
     integrity = Integrity(ok=True, shards=len(cache.shards), tensors=len(cache.tensors),
                           bytes=cache.param_bytes)
+    fix = "pass the PARAMS_DIR this library was compiled from, or recompile it from this one"
     try:
         check_packed(params_dir, metadata.params, against="the library", md5=True, cache=cache,
-                     fix="pass the PARAMS_DIR this library was compiled from, or recompile it "
-                         "from this one")
+                     fix=fix)
+        if packed.quantization != metadata.quantization:
+            raise ParamsError(f"{params_dir / CONFIG_FILE}: quantization is "
+                              f"{packed.quantization}, the library's is {metadata.quantization}; {fix}")
     except ParamsError as exc:
         integrity.ok = False
         integrity.error = str(exc)
     return integrity, cache
 
 
+def _batch_disagreement(params_dir: Path, metadata: LibraryMetadata, packed: PackedConfig) -> list[str]:
+    """max_batch_size is one value from convert to the library (MLC-LLM reads the config's and
+    the library's); a pair that disagrees computes the same numbers, so it is a warning."""
+    if packed.model.max_batch_size == metadata.max_batch_size:
+        return []
+    return [f"{params_dir / CONFIG_FILE} says max_batch_size {packed.model.max_batch_size}, the "
+            f"library was compiled for {metadata.max_batch_size}; MLC-LLM reads both: re-run "
+            f"`medusa convert --max-batch-size {metadata.max_batch_size}` or recompile"]
+
+
 # ---------------------------------------------------------------------------------------------
 # verify_heads
+
+
+def check_seed_and_batch(seed: int, batch: int) -> None:
+    """--seed seeds numpy's generator, which takes no negative seed; --batch rows of random
+    hidden states are made up front, so an absurd count is refused rather than allocated."""
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be a non-negative integer")
+    if not 1 <= batch <= MAX_BATCH_SIZE:
+        raise InputError(f"--batch {batch}: must be between 1 and {MAX_BATCH_SIZE}")
 
 
 def _hidden_states(request: VerifyRequest, config: MedusaConfig, dtype: str) -> tuple[np.ndarray, dict]:
@@ -103,8 +126,6 @@ def _hidden_states(request: VerifyRequest, config: MedusaConfig, dtype: str) -> 
     if request.inputs is not None:
         hidden = load_hidden_states(request.inputs, config.hidden_size, dtype)
         return hidden, {"kind": "file", "path": str(request.inputs), "batch": int(hidden.shape[0])}
-    if request.batch < 1:
-        raise InputError(f"--batch {request.batch}: must be at least 1")
     hidden = cast_to(random_hidden(request.batch, config.hidden_size, request.seed), dtype)
     return hidden, {"kind": "random", "batch": request.batch, "seed": request.seed, "std": HIDDEN_STD}
 
@@ -119,6 +140,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
     library, params_dir = Path(request.library), Path(request.params_dir)
     if request.topk < 1:
         raise InputError(f"--topk {request.topk}: must be at least 1")
+    check_seed_and_batch(request.seed, request.batch)
     if not params_dir.is_dir():
         raise ParamsError(f"{params_dir}: not a directory; pass the PARAMS_DIR written by `medusa convert`")
     check_source_flags(request.source, request.lm_head)
@@ -134,11 +156,12 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
                             device=request.device, thresholds=thresholds,
                             seconds=time.perf_counter() - started, **fields)
 
-    integrity, cache = _check_integrity(params_dir, metadata)
+    integrity, cache = _check_integrity(params_dir, metadata, packed)
     if not integrity.ok:
         return report(integrity=integrity, source=None, inputs=inputs, heads=[], warnings=[])
 
     with ExitStack() as stack:
+        warnings = _batch_disagreement(params_dir, metadata, packed)
         oracle = open_oracle_heads(stack, params_dir, packed, config, scheme, cache,
                                    request.source, request.lm_head)
         source = oracle.source
@@ -168,7 +191,7 @@ def verify_heads(request: VerifyRequest) -> VerifyReport:
             ))
         tree = _check_tree(runtime, scheme, hidden, compiled, references, request.seed) \
             if runtime.has_tree else None
-        warnings = oracle.finish()
+        warnings += oracle.finish()
     return report(integrity=integrity, source=source, inputs=inputs, heads=heads, warnings=warnings,
                   tree=tree)
 

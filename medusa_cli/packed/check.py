@@ -29,21 +29,22 @@ def check_packed(params_dir: Path, expected: Sequence[ParamSpec], *, against: st
     for name, shape, dtype in expected:
         record = found.get(name)
         if record is None:
-            raise ParamsError(f"{manifest}: tensor '{name}' that {against} needs is missing; {fix}")
+            raise ParamsError(f"{manifest}: tensor '{name:.200}' that {against} needs is missing; {fix}")
         if tuple(record.shape) != tuple(shape) or record.dtype != dtype:
             raise ParamsError(
-                f"{manifest}: tensor '{name}' is {list(record.shape)} {record.dtype}, expected "
+                f"{manifest}: tensor '{name:.200}' is {list(record.shape)} {record.dtype}, expected "
                 f"{list(shape)} {dtype} from {against}; {fix}"
             )
     wanted = {spec[0] for spec in expected}
     extra = [t.name for t in cache.tensors if t.name not in wanted]
     if extra:
-        raise ParamsError(f"{manifest}: tensor '{extra[0]}' ({len(extra)} in all) is not a "
+        raise ParamsError(f"{manifest}: tensor '{extra[0]:.200}' ({len(extra)} in all) is not a "
                           f"parameter of {against}; {fix}")
     for shard in cache.shards:
         path = params_dir / shard.data_path
         if not path.is_file():
-            raise ParamsError(f"{path}: shard listed in {TENSOR_CACHE_FILE} is missing; {_REBUILD}")
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise ParamsError(f"{path}: shard listed in {TENSOR_CACHE_FILE} {what}; {_REBUILD}")
         size = path.stat().st_size
         if size != shard.nbytes:
             raise ParamsError(f"{path}: shard is {size} bytes, {TENSOR_CACHE_FILE} says "

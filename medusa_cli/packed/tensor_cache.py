@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checkpoint.safetensors import FileRegion, map_file_region
 from ..dtypes import NUMPY_DTYPES, dtype_name
-from ..errors import ParamsError, first_line
+from ..errors import ParamsError
 
 TENSOR_CACHE_FILE = "tensor-cache.json"
 SHARD_CAP_BYTES = 32 * 1024 * 1024
@@ -266,31 +266,31 @@ def _parse(manifest: object) -> TensorCache:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{at}.name is not a string")
             if name in names:
-                raise ValueError(f"tensor '{name}' appears twice")
+                raise ValueError(f"tensor '{name:.200}' appears twice")
             names.add(name)
             if not isinstance(shape, list) or not all(_count(d) for d in shape):
-                raise ValueError(f"tensor '{name}': shape {shape!r:.80} is not a list of "
+                raise ValueError(f"tensor '{name:.200}': shape {shape!r:.80} is not a list of "
                                  "non-negative integers")
             if dtype not in NUMPY_DTYPES:
-                raise ValueError(f"tensor '{name}': unsupported dtype {dtype!r:.40}")
+                raise ValueError(f"tensor '{name:.200}': unsupported dtype {dtype!r:.40}")
             if rec.get("format", "raw") != "raw":
-                raise ValueError(f"tensor '{name}': format {rec.get('format')!r:.40} is not "
+                raise ValueError(f"tensor '{name:.200}': format {rec.get('format')!r:.40} is not "
                                  "\"raw\" (convert with medusa convert)")
             elements = 1
             for d in shape:
                 elements *= d
             if not _count(size) or size != elements * NUMPY_DTYPES[dtype].itemsize:
-                raise ValueError(f"tensor '{name}': nbytes {size!r:.40} does not match shape "
+                raise ValueError(f"tensor '{name:.200}': nbytes {size!r:.40} does not match shape "
                                  f"{shape} {dtype}")
             if not _count(offset) or offset + size > nbytes:
-                raise ValueError(f"tensor '{name}': byteOffset {offset!r:.40} + nbytes {size} "
+                raise ValueError(f"tensor '{name:.200}': byteOffset {offset!r:.40} + nbytes {size} "
                                  f"lies outside its {nbytes}-byte shard {path}")
             spans.append((offset, offset + size, name))
             tensors.append(TensorRecord(name, tuple(shape), dtype, size, offset, path))
         spans.sort()
         for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
             if begin < end:
-                raise ValueError(f"tensors '{first}' and '{second}' overlap in shard {path}")
+                raise ValueError(f"tensors '{first:.200}' and '{second:.200}' overlap in shard {path}")
         shards.append(ShardRecord(path, nbytes, md5))
     if len({s.data_path for s in shards}) != len(shards):
         raise ValueError("a shard file is listed twice")
@@ -307,7 +307,9 @@ def read_tensor_cache(params_dir: Path) -> TensorCache:
             raise ValueError(f"{path.stat().st_size} bytes is too large for a tensor cache")
         return _parse(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:
-        reason = "it nests too deep" if isinstance(exc, RecursionError) else first_line(exc)
+        # the whole message: ours name the tensor, whose name may hold a newline
+        reason = "it nests too deep" if isinstance(exc, RecursionError) else \
+            (str(exc).strip() or type(exc).__name__)
         raise ParamsError(f"{path}: malformed tensor cache ({reason}); re-run `medusa convert`") from None
 
 

@@ -3,6 +3,7 @@ and rounded to the library's dtype with errors that name the flag, the file and 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +15,56 @@ from ..quantization import cast_to
 _HIDDEN_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
+_NPY_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, bytes of data) the .npy header declares; ValueError when it is not one."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_READERS:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = _NPY_READERS[version](f)
+        data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    return shape, dtype, data_bytes
+
+
 def _load_float_array(path: Path, flag: str, what: str, expected: str) -> np.ndarray:
-    """One float array from a .npy file; InputErrors name the flag, the file and `expected`."""
+    """One float array from a .npy file; InputErrors name the flag, the file and `expected`.
+
+    The header is checked before anything is allocated: a float dtype, a shape of non-negative
+    dimensions whose bytes are exactly the file's data (a header may claim any shape)."""
     path = Path(path)
+    fix = f"save {what} {expected} with numpy.save"
+    if not path.exists():
+        raise InputError(f"{flag} {path}: no such file; {fix}")
     if not path.is_file():
-        raise InputError(f"{flag} {path}: no such file; save {what} {expected} with numpy.save")
+        raise InputError(f"{flag} {path}: not a regular file; {fix}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+        with open(path, "rb") as f:
+            if f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                raise InputError(f"{flag} {path}: an .npz archive; save one array {expected} "
+                                 "with numpy.save")
+        shape, dtype, data_bytes = _npy_header(path)
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise InputError(f"{flag} {path}: not a .npy array ({first_line(exc):.200}); {fix}") from None
+    if dtype.hasobject or str(dtype) not in _HIDDEN_DTYPES:
         raise InputError(
-            f"{flag} {path}: not a .npy array ({first_line(exc)}); "
-            f"save {what} {expected} with numpy.save"
-        ) from None
-    if not isinstance(loaded, np.ndarray):
-        loaded.close()
-        raise InputError(f"{flag} {path}: an .npz archive; save one array {expected} with numpy.save")
-    if str(loaded.dtype) not in _HIDDEN_DTYPES:
-        raise InputError(
-            f"{flag} {path}: {what} have dtype {loaded.dtype}, expected one of {', '.join(_HIDDEN_DTYPES)}"
+            f"{flag} {path}: {what} have dtype {dtype}, expected one of {', '.join(_HIDDEN_DTYPES)}"
         )
-    return loaded
+    count = 1
+    for d in shape:
+        count *= d
+    if any(d < 0 for d in shape) or count * dtype.itemsize != data_bytes:
+        raise InputError(f"{flag} {path}: its header declares shape {list(shape)} of "
+                         f"{dtype}, but the file holds {data_bytes:,} bytes of data; it is "
+                         f"truncated or corrupt, {fix}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{flag} {path}: not a .npy array ({first_line(exc):.200}); {fix}") from None
 
 
 def load_hidden_states(path: Path, hidden_size: int, dtype: str, flag: str = "--inputs") -> np.ndarray:

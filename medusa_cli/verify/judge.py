@@ -76,16 +76,40 @@ def tie_slack(reference: np.ndarray, thresholds: Thresholds) -> float:
     return 2 * thresholds.reference.allowed_error(float(np.max(np.abs(reference))))
 
 
+def _nonfinite_rows(array: np.ndarray) -> int:
+    return int(np.count_nonzero(~np.isfinite(array).all(axis=1)))
+
+
+def _unjudgeable(expected: np.ndarray, k: int, label: str) -> Comparison:
+    """Expected logits with NaN or Inf (weights that hold them, converted with
+    --allow-nonfinite): nothing can be compared, and the head fails saying why."""
+    nan = float("nan")
+    metrics = HeadMetrics(max_abs_err=nan, max_rel_err=nan, cosine=nan, top1_agreement=0.0,
+                          topk_overlap=0.0, k=min(k, expected.shape[1]))
+    rows = _nonfinite_rows(expected)
+    reason = (f"the oracle's logits from the {label} weights hold NaN or Inf in {rows} of "
+              f"{len(expected)} rows: those weights hold NaN or Inf (converted with "
+              "--allow-nonfinite?), so the head cannot be verified")
+    return Comparison(metrics=metrics, peak=nan, allowed_error=nan, near_ties=0, top1=0.0,
+                      reasons=[reason])
+
+
 def judge(actual: np.ndarray, expected: np.ndarray, bounds: Bounds, slack: float, k: int,
           label: str) -> Comparison:
-    """Compare compiled logits with expected ones (float64) and list every bound they break."""
-    metrics = compare_logits(actual, expected, k=k)
+    """Compare compiled logits with expected ones (float64) and list every bound they break.
+    NaN or Inf on either side fails the head with a reason that says so first."""
     expected = np.asarray(expected, dtype=np.float64)
+    if expected.ndim == 2 and expected.size and not np.isfinite(expected).all():
+        return _unjudgeable(expected, k, label)
+    metrics = compare_logits(actual, expected, k=k)
     peak = float(np.max(np.abs(expected)))
     allowed = bounds.allowed_error(peak)
     exact, near = _top1_rows(np.asarray(actual, dtype=np.float64), expected, slack)
     top1 = float(np.mean(exact | near))
     reasons = []
+    bad_rows = _nonfinite_rows(np.asarray(actual))
+    if bad_rows:
+        reasons.append(f"the library's logits hold NaN or Inf in {bad_rows} of {len(actual)} rows")
     if not metrics.max_abs_err <= allowed:  # also catches NaN
         reasons.append(
             f"max error vs {label} {metrics.max_abs_err:.3g} ({metrics.max_rel_err:.3g} of the "
