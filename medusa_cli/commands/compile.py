@@ -13,6 +13,7 @@ from pathlib import Path
 from ..compiler.model import TreeSpec
 from ..compiler.pipeline import compile_library
 from ..compiler.targets import ResolvedTarget, resolve_target
+from ..compiler.gpu_topk import GpuTopkLayout
 from ..compiler.topk import MAX_TOPK, TopkLayout
 from ..errors import InputError, ParamsError
 from ..library import (
@@ -108,7 +109,10 @@ def _resolve_tree(request: CompileRequest, config: MedusaConfig,
         raise InputError(f"--topk {topk}: at most {most} ({limit}); lower --topk and use a tree "
                          "whose ranks fit")
     tree = load_tree(request.tree, topk, config.medusa_num_heads)  # --tree / --topk errors
-    return TreeSpec(tree=tree, topk=topk, layout=TopkLayout.for_target(config.vocab_size, target.is_gpu))
+    # on a GPU one top-k call takes the base logits' rows and those of every head the tree reaches
+    layout = GpuTopkLayout.for_rows(config.vocab_size, 1 + tree.depth, topk) if target.is_gpu \
+        else TopkLayout.for_target(config.vocab_size, gpu=False)
+    return TreeSpec(tree=tree, topk=topk, layout=layout)
 
 
 def compile_heads(request: CompileRequest) -> CompileResult:
