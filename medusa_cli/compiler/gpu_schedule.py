@@ -80,9 +80,8 @@ class GemvPlan:
         return self.rows_per_block // self.rows_per_thread
 
     def describe(self) -> str:
-        return (f"medusa GEMV: batch tile {self.tile}, {self.rows_per_block} rows x "
-                f"{self.lanes} lanes per block, {self.rows_per_thread} rows per thread, "
-                f"{VECTOR_BYTES}-byte loads")
+        return (f"medusa GEMV: tile {self.tile}, {self.rows_per_block} rows x {self.lanes} "
+                f"lanes, {self.rows_per_thread} rows/thread")
 
 
 def _stage_source(stage_block, k_var) -> tuple[int, int]:

@@ -32,6 +32,7 @@ import dataclasses
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .kernels import SCHEDULE_ATTR
 from .topk import MAX_TOPK, MISSING_ID
 
 # Blocks each kernel launches at batch 1, at least: 2 per SM of a 132-SM H100/H200.
@@ -126,6 +127,7 @@ def chunk_kernel(layout: GpuTopkLayout, k: int, gpu: bool = True):
     empty = T.int32(EMPTY_KEY)
     missing = T.int32(MISSING_ID)
     insert = _insert_macro(k)
+    schedule = f"medusa top-k: {span} ids/block, {k} rounds"
 
     @T.macro
     def scan(x, bk, bi, rows, row, c, t):
@@ -197,7 +199,7 @@ def chunk_kernel(layout: GpuTopkLayout, k: int, gpu: bool = True):
 
     @T.prim_func(private=True, s_tir=True)
     def topk_chunks(var_x: T.handle, var_keys: T.handle, var_ids: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, SCHEDULE_ATTR: schedule})
         rows = T.int64()
         x = T.match_buffer(var_x, (rows, vocab), "float32")
         keys = T.match_buffer(var_keys, (rows, chunks, k), "int32")
@@ -243,6 +245,7 @@ def merge_kernel(layout: GpuTopkLayout, k: int, gpu: bool = True):
     threads = min(MERGE_THREADS, candidates)
     per_thread = -(-candidates // threads)
     shared = "shared" if gpu else "global"
+    schedule = f"medusa top-k merge: ranks {group} of {candidates}/block"
 
     def beaten_by(keys, ids, row, u, q):
         """Candidate u comes before candidate q (both < candidates): by key, id, then position,
@@ -287,7 +290,7 @@ def merge_kernel(layout: GpuTopkLayout, k: int, gpu: bool = True):
 
     @T.prim_func(private=True, s_tir=True)
     def topk_merge(var_keys: T.handle, var_ids: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, SCHEDULE_ATTR: schedule})
         rows = T.int64()
         keys = T.match_buffer(var_keys, (rows, chunks, k), "int32")
         ids = T.match_buffer(var_ids, (rows, chunks, k), "int32")

@@ -52,9 +52,8 @@ def _named_rule(rule):
 
 
 def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
-    """Stages 1 and 2: the scheduled module and the module with memory planned."""
-    scheduled = _schedule(mod, target, max_batch_size)
-    return scheduled, _plan_memory(scheduled, target)
+    """Stages 1 and 2: the module scheduled, with its memory planned."""
+    return _plan_memory(_schedule(mod, target, max_batch_size), target)
 
 
 def _schedule(mod, target: ResolvedTarget, max_batch_size: int):
@@ -294,7 +293,8 @@ def compile_library(config: MedusaConfig, scheme: QuantScheme, target: ResolvedT
                            "does not list; model.py and spec.py disagree")
     try:
         with cuda_source_modules() if target.kind == "cuda" else contextlib.nullcontext():
-            scheduled, optimized = _optimize(mod, target, config.max_batch_size)
+            scheduled = _schedule(mod, target, config.max_batch_size)
+            optimized = _plan_memory(scheduled, target)
             metadata = LibraryMetadata(
                 config=config, quantization=scheme.name, dtype=scheme.model_dtype, params=params,
                 target=json.loads(target.json), target_name=target.name,
