@@ -268,7 +268,7 @@ def inspect(
         r = report.roofline
         err.print(f"roofline: {_human_bytes(r['bytes_per_call'])} of parameters per get_logits "
                   f"call; at the {r['gpu']}'s {r['bandwidth_gbps'] / 1000:g} TB/s, "
-                  f"{r['predicted_ms']:.3f} ms", highlight=False)
+                  f"{r['predicted_ms']:.3g} ms", highlight=False)
     for warning in report.warnings:
         _warn(warning)
 
@@ -277,11 +277,12 @@ def _kernel_table(kernels: list[dict]) -> Table:
     table = Table(title="kernels", title_justify="left")
     batches = sorted({b for k in kernels for b in k["blocks"]}, key=int)
     for column in ("kernel", "schedule", "threads", *(f"blocks @{b}" for b in batches),
-                   "registers", "spills", "weights"):
+                   "regs", "spills", "weights"):
         table.add_column(column, justify="left" if column in ("kernel", "schedule") else "right",
                          overflow="fold")
     for k in kernels:
-        table.add_row(k["name"], k["schedule"], str(k["threads_per_block"]),
+        # the schedule's name; its parameters are in --json
+        table.add_row(k["name"], k["schedule"].split(":")[0], str(k["threads_per_block"]),
                       *(str(k["blocks"].get(b, "-")) for b in batches),
                       "-" if k["registers"] is None else str(k["registers"]),
                       "-" if k["spill_bytes"] is None else f"{k['spill_bytes']} B",
