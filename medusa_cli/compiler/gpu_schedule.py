@@ -7,8 +7,8 @@ SiLU and residual. At batch 1 to 8 the kernel streams every weight once and does
 byte: it is bound by memory bandwidth, and on an H100/H200 almost bound by instruction issue too
 for 4-bit weights (one FMA per weight and batch row, plus the unpacking). The schedule, per GEMV:
 
-  1. Batch tile. The dynamic batch is padded to a multiple of `tile` = min(max batch, 8) rows
-     (pad_einsum) and cut into tiles, one per blockIdx.y. A block computes its rows of W for every
+  1. Batch tile. The dynamic batch is padded to a multiple of `tile` = 8 rows (pad_einsum) and
+     cut into tiles, one per blockIdx.y. A block computes its rows of W for every
      row of its tile, so W is read once per call up to batch 8. Rows of the tile past the batch
      are skipped (a uniform branch around their FMAs), not computed on zeros: at batch 1 a 4-bit
      kernel does one FMA per weight, not eight.
@@ -106,17 +106,20 @@ def _stage_source(stage_block, k_var) -> tuple[int, int]:
     raise ValueError("the weight stage reads no [out, in] weight")
 
 
-def plan_gemv(out_features: int, weight_dtype: str, per_word: int, max_batch_size: int) -> GemvPlan:
+def plan_gemv(out_features: int, weight_dtype: str, per_word: int) -> GemvPlan:
     """The plan for a GEMV with `out_features` rows whose stored weight has `weight_dtype`."""
     itemsize = tvm.runtime.DataType(weight_dtype).bits // 8
     rows = next((r for r in ROWS_PER_BLOCK if -(-out_features // r) >= MIN_BLOCKS),
                 ROWS_PER_BLOCK[-1])
-    return GemvPlan(tile=min(max_batch_size, MAX_TILE), lanes=LANES,
+    # always MAX_TILE rows, whatever the max batch: TVM 0.27 sized the registers of padded tiles
+    # of 2 and 3 rows from the batch (a build error) and a tile of 1 pads nothing; rows past
+    # the batch cost a skipped branch, and the registers of 8 rows
+    return GemvPlan(tile=MAX_TILE, lanes=LANES,
                     rows_per_thread=min(ROWS_PER_THREAD, rows), rows_per_block=rows,
                     chunk=VECTOR_BYTES // itemsize * per_word, per_word=per_word)
 
 
-def schedule_gemv_func(func: tirx.PrimFunc, max_batch_size: int) -> tirx.PrimFunc | None:
+def schedule_gemv_func(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """`func` (one Linear of model.py, on a GPU: weight stage, GEMV, elementwise tail) with the
     schedule above, or None if it is not of that form (dlight's rules then take it)."""
     gemvs = find_gemvs(func)
@@ -131,7 +134,7 @@ def schedule_gemv_func(func: tirx.PrimFunc, max_batch_size: int) -> tirx.PrimFun
     stage_block = sch.get(stage)
     source_index, per_word = _stage_source(stage_block, stage_block.iter_vars[1].var)
     weight = stage_block.reads[source_index].source
-    plan = plan_gemv(gemv.out_features, str(weight.dtype), per_word, max_batch_size)
+    plan = plan_gemv(gemv.out_features, str(weight.dtype), per_word)
     _schedule(sch, gemv.block.name_hint, stage, source_index, plan)
     guarded = _skip_padded_rows(sch, gemv.block.name_hint, plan, gemv.loops[0].extent)
     return guarded.with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, plan.describe())
@@ -228,13 +231,13 @@ def _skip_padded_rows(sch: Schedule, name: str, plan: GemvPlan, batch) -> tirx.P
     return func.with_body(tvm_ffi.structural_map(func.body, (tirx.For, guard)))
 
 
-def schedule_gpu_kernels(mod: tvm.IRModule, max_batch_size: int) -> tvm.IRModule:
+def schedule_gpu_kernels(mod: tvm.IRModule) -> tvm.IRModule:
     """Schedule every GEMV PrimFunc of `mod` (a GPU build of model.py, after FuseTIR) as
     described above; other functions are left for dlight's rules."""
     updates = {}
     for gvar, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc):
-            scheduled = schedule_gemv_func(func, max_batch_size)
+            scheduled = schedule_gemv_func(func)
             if scheduled is not None:
                 updates[gvar] = scheduled
     if not updates:
@@ -243,3 +246,9 @@ def schedule_gpu_kernels(mod: tvm.IRModule, max_batch_size: int) -> tvm.IRModule
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="medusa.ScheduleGPUKernels")
+def schedule_gpu_kernels_pass(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """schedule_gpu_kernels as a module pass."""
+    return schedule_gpu_kernels(mod)

@@ -10,6 +10,10 @@ Every Linear computes x @ W.T as a single te.compute whose reduction reads W in 
   - group-quantized schemes unpack each code from q_weight and scale it inside the reduction.
 Products are accumulated in float32 whatever the model dtype: a float16 accumulator was measured
 to lose 0.05 on logits of scale 3 at the vicuna-7b shape (reductions over 4096).
+On GPUs (gpu=True) each Linear computes the same values in the form gpu_schedule.py schedules:
+the float32 weight in a stage of its own, codes unpacked by centred_code (no integer-to-float
+conversion), and k not padded to whole groups; the tree's top-k is gpu_topk.py's, over the base
+logits' and the heads' rows at once.
 
 Given a Medusa tree (TreeSpec), the module also has get_tree_candidates(base_logits,
 hidden_states), tree.generate_candidates computed in the library (top-k kernels in topk.py), and

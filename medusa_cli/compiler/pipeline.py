@@ -58,7 +58,6 @@ def _optimize(mod, target: ResolvedTarget, max_batch_size: int):
 
 def _schedule(mod, target: ResolvedTarget, max_batch_size: int):
     """Relax optimizations and the target's kernel schedules (stage 1 of the build)."""
-    import tvm
     from tvm import relax, transform
     from tvm.s_tir import dlight as dl
 
@@ -85,11 +84,9 @@ def _schedule(mod, target: ResolvedTarget, max_batch_size: int):
         # scheduled (gpu_topk.py); dlight takes the rest (the tree's gathers and concatenation).
         # dl.gpu.Matmul is left out: it segfaults in MatmulTensorization on CUDA float16 with a
         # dynamic batch (TVM 0.27). Fallback binds threads for whatever the others decline.
-        from .gpu_schedule import schedule_gpu_kernels
+        from .gpu_schedule import schedule_gpu_kernels_pass
 
-        passes.append(tvm.transform.module_pass(
-            lambda m, ctx: schedule_gpu_kernels(m, max_batch_size), opt_level=0,
-            name="medusa.ScheduleGPUKernels"))
+        passes.append(schedule_gpu_kernels_pass)
         passes.append(dl.ApplyDefaultSchedule(*map(_named_rule, (
             dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()))))
