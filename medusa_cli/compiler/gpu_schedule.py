@@ -106,17 +106,20 @@ def _stage_source(stage_block, k_var) -> tuple[int, int]:
     raise ValueError("the weight stage reads no [out, in] weight")
 
 
-def plan_gemv(out_features: int, weight_dtype: str, per_word: int) -> GemvPlan:
-    """The plan for a GEMV with `out_features` rows whose stored weight has `weight_dtype`."""
+def plan_gemv(out_features: int, in_features: int, weight_dtype: str, per_word: int) -> GemvPlan:
+    """The plan for a GEMV of [out_features, in_features] whose stored weight has `weight_dtype`."""
     itemsize = tvm.runtime.DataType(weight_dtype).bits // 8
+    chunk = VECTOR_BYTES // itemsize * per_word
     rows = next((r for r in ROWS_PER_BLOCK if -(-out_features // r) >= MIN_BLOCKS),
                 ROWS_PER_BLOCK[-1])
+    # where the lanes' steps do not divide k, every element carries a bound check; with 4 rows
+    # per thread the 4-bit kernels then spilled a few bytes (hidden 4100), with 2 they do not
+    per_thread = ROWS_PER_THREAD if in_features % (LANES * chunk) == 0 else ROWS_PER_THREAD // 2
     # always MAX_TILE rows, whatever the max batch: TVM 0.27 sized the registers of padded tiles
     # of 2 and 3 rows from the batch (a build error) and a tile of 1 pads nothing; rows past
     # the batch cost a skipped branch, and the registers of 8 rows
-    return GemvPlan(tile=MAX_TILE, lanes=LANES,
-                    rows_per_thread=min(ROWS_PER_THREAD, rows), rows_per_block=rows,
-                    chunk=VECTOR_BYTES // itemsize * per_word, per_word=per_word)
+    return GemvPlan(tile=MAX_TILE, lanes=LANES, rows_per_thread=min(per_thread, rows),
+                    rows_per_block=rows, chunk=chunk, per_word=per_word)
 
 
 def schedule_gemv_func(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -134,9 +137,12 @@ def schedule_gemv_func(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     stage_block = sch.get(stage)
     source_index, per_word = _stage_source(stage_block, stage_block.iter_vars[1].var)
     weight = stage_block.reads[source_index].source
-    plan = plan_gemv(gemv.out_features, str(weight.dtype), per_word)
-    _schedule(sch, gemv.block.name_hint, stage, source_index, plan)
-    guarded = _skip_padded_rows(sch, gemv.block.name_hint, plan, gemv.loops[0].extent)
+    plan = plan_gemv(gemv.out_features, int(gemv.loops[2].extent), str(weight.dtype), per_word)
+    try:
+        _schedule(sch, gemv.block.name_hint, stage, source_index, plan)
+        guarded = _skip_padded_rows(sch, gemv.block.name_hint, plan, gemv.loops[0].extent)
+    except ScheduleError:
+        return None  # a shape the recipe does not fit: dlight's rules (the report names them)
     return guarded.with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, plan.describe())
 
 
