@@ -47,17 +47,13 @@ test-all: setup
 bench: setup
 	$(BIN)/python tools/bench_suite.py --preset vicuna-7b --output BENCHMARKS.md
 
-# For a GPU machine without TVM's compiler or a network (the device machines lent here): the
-# heads compiled for GPU_ARCH, TVM's runtime and tvm-ffi's wheel for Python 3.12, in .gpu/.
-# There, `python3 tools/gpu_bundle.py run --output OUT` verifies and benches them on the
-# GPU (OUT/BENCHMARKS-GPU.md; see tools/gpu_bundle.py).
+# For a GPU machine without TVM's compiler or a network (the device machines lent here): every
+# scheme's heads (with a tree) compiled for GPU_ARCH, TVM's runtime and the wheels it needs on
+# Python 3.12, in .gpu/. There, `python3 tools/gpu_bundle.py run` verifies and benches them at
+# batch 1, 4 and 8 (gpu-out/BENCHMARKS-GPU.md; see tools/gpu_bundle.py).
 GPU_ARCH ?= sm_90
 gpu-bundle: setup
-	$(BIN)/python tools/gpu_bundle.py build --target cuda --arch $(GPU_ARCH) --bundle .gpu
-	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d .gpu/wheels \
-	  apache-tvm-ffi==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('apache-tvm-ffi'))")
+	$(BIN)/python tools/gpu_bundle.py build --arch $(GPU_ARCH) --bundle .gpu
 
 clean:
 	rm -rf out bench-out .pytest_cache .gpu

@@ -242,12 +242,15 @@ def example(
     epilog=(
         "**Examples**\n\n"
         "    medusa inspect ./medusa-vicuna-7b-v1.3\n\n"
-        "    medusa inspect out/params --json | jq .num_heads"
+        "    medusa inspect out/params --json | jq .num_heads\n\n"
+        "    medusa inspect heads.so --kernels --gpu h200"
     )
 )
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint (file or directory), a packed directory or a compiled library."),
     load: bool = typer.Option(False, "--load", help="Load a library that holds no medusa-cli metadata (built by MLC-LLM, say) to ask its _metadata function; loading runs its code, so only for libraries you trust."),
+    kernels: bool = typer.Option(False, "--kernels", help="A library's kernel report: each device kernel's schedule, threads, blocks at batch 1 and the max batch, registers and spills (CUDA, from ptxas) and the parameter bytes it reads; and the roofline."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="The GPU of the roofline (bytes per call / its published bandwidth): h200, h100, h100-pcie, a100, a100-40gb, l40s, a10, l4, rtx4090, rtx3090, mi300x (default h100)."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -255,7 +258,7 @@ def inspect(
     from .commands.inspect import inspect_path
 
     with _handle_errors(verbose):
-        report = inspect_path(path, load=load)
+        report = inspect_path(path, load=load, kernels=kernels, gpu=gpu)
     if json_out:
         _emit_json(report.to_dict())
         return
@@ -276,8 +279,34 @@ def inspect(
     rows += [(k.replace("_", " "), v) for k, v in report.extra.items()]
     rows.append(("files", "\n".join(report.files) or "-"))
     err.print(_key_value_table(str(report.path), rows))
+    if report.kernels is not None:
+        err.print(_kernel_table(report.kernels))
+    if report.roofline is not None:
+        r = report.roofline
+        err.print(f"roofline: {_human_bytes(r['bytes_per_call'])} of parameters per get_logits "
+                  f"call; at the {r['gpu']}'s {r['bandwidth_gbps'] / 1000:g} TB/s, "
+                  f"{r['predicted_ms']:.3g} ms", highlight=False)
     for warning in report.warnings:
         _warn(warning)
+
+
+def _kernel_table(kernels: list[dict]) -> Table:
+    table = Table(title="kernels", title_justify="left")
+    batches = sorted({b for k in kernels for b in k["blocks"]}, key=int)
+    for column in ("kernel", "schedule", "threads", *(f"blocks @{b}" for b in batches),
+                   "regs", "spills", "weights"):
+        table.add_column(column, justify="left" if column in ("kernel", "schedule") else "right",
+                         overflow="fold")
+    for k in kernels:
+        # the schedule's name; its parameters are in --json
+        table.add_row(k["name"], k["schedule"].split(":")[0], str(k["threads_per_block"]),
+                      *(str(k["blocks"].get(b, "-")) for b in batches),
+                      "-" if k["registers"] is None else str(k["registers"]),
+                      "-" if k["spill_bytes"] is None else f"{k['spill_bytes']} B",
+                      _human_bytes(k["weight_bytes"]) if k["weight_bytes"] else "-")
+    if not kernels:
+        table.caption = "no device kernels (a CPU library)"
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +606,8 @@ def tree_search_command(
         "**Examples**\n\n"
         "    medusa compile out/params --target llvm\n\n"
         "    medusa compile out/params --target cuda --arch sm_80,sm_90 -o out/heads-cuda.so\n\n"
-        "    medusa compile out/params --target cpu --tree mc_sim_7b_63 --json"
+        "    medusa compile out/params --target cpu --tree mc_sim_7b_63 --json\n\n"
+        "    medusa compile out/params --target cuda --arch sm_90 --save-source out/kernels"
     ),
 )
 def compile_command(
@@ -589,6 +619,7 @@ def compile_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Library to write: .so (default PARAMS_DIR/medusa-TARGET-QUANTIZATION.so), .tar (system library) or .wasm (webgpu)."),
     tree: Optional[str] = typer.Option(None, help="Also compile tree candidate generation for this tree (a shipped name or a JSON file of paths)."),
     topk: Optional[int] = typer.Option(None, help="Candidates per head for --tree (default 10)."),
+    save_source: Optional[Path] = typer.Option(None, "--save-source", help="Also write the code the library was built from into this new (or empty) directory: a GPU library's device kernels (CUDA: one .cu file with every __global__ kernel; OpenCL .cl), a CPU library's LLVM IR."),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -597,7 +628,7 @@ def compile_command(
 
     request = CompileRequest(
         params_dir=params_dir, target=target, arch=arch, quantization=quantization,
-        max_batch_size=max_batch_size, output=output, tree=tree, topk=topk,
+        max_batch_size=max_batch_size, output=output, tree=tree, topk=topk, save_source=save_source,
     )
     with _handle_errors(verbose), _status("compiling"):
         result = compile_heads(request)
@@ -610,6 +641,8 @@ def compile_command(
         f"{_human_bytes(result.output.stat().st_size)} in {result.seconds:.1f} s",
         highlight=False,
     )
+    if result.save_source is not None:
+        err.print(f"[green]source[/] in {result.save_source}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

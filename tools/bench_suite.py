@@ -9,8 +9,8 @@ One seeded example checkpoint (float16, as published); for each scheme: convert 
 `medusa bench` there at each batch: the library against the memory bandwidth floor and numpy
 float32, measured side by side in the same run.
 
-On a GPU machine without TVM's compiler, gpu_bundle.py runs it with --device cuda:0 --verify
---libraries (built here for the GPU), the floor from a device-to-device copy.
+--libraries benches prebuilt libraries (heads-SCHEME.so) instead of compiling, on --device (on a
+GPU the floor comes from a device-to-device copy). The GPU run itself is gpu_bundle.py's.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ from pathlib import Path
 from ..compiler.model import TreeSpec
 from ..compiler.pipeline import compile_library
 from ..compiler.targets import ResolvedTarget, resolve_target
+from ..compiler.gpu_topk import GpuTopkLayout
 from ..compiler.topk import MAX_TOPK, TopkLayout
 from ..errors import InputError, ParamsError
+from ..outputs import check_output_dir
 from ..library import (
     SHARED_LIBRARY_SUFFIXES,
     SYSTEM_LIBRARY_SUFFIX,
@@ -46,6 +48,9 @@ class CompileRequest:
     tree: str | Path | None = None
     # ranks kept per head for the tree's candidates (Medusa's TOPK); None: DEFAULT_TOPK
     topk: int | None = None
+    # a new (or empty) directory for the code the library was built from: the device kernels
+    # of a GPU library (CUDA: a .cu file with every __global__ kernel), a CPU library's LLVM IR
+    save_source: Path | None = None
 
 
 @dataclasses.dataclass
@@ -53,10 +58,13 @@ class CompileResult:
     output: Path
     seconds: float
     metadata: LibraryMetadata
+    # where the source was saved (CompileRequest.save_source)
+    save_source: Path | None = None
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output),
+            "save_source": None if self.save_source is None else str(self.save_source),
             "target": self.metadata.target,
             "quantization": self.metadata.quantization,
             "seconds": round(self.seconds, 3),
@@ -108,7 +116,10 @@ def _resolve_tree(request: CompileRequest, config: MedusaConfig,
         raise InputError(f"--topk {topk}: at most {most} ({limit}); lower --topk and use a tree "
                          "whose ranks fit")
     tree = load_tree(request.tree, topk, config.medusa_num_heads)  # --tree / --topk errors
-    return TreeSpec(tree=tree, topk=topk, layout=TopkLayout.for_target(config.vocab_size, target.is_gpu))
+    # on a GPU one top-k call takes the base logits' rows and those of every head the tree reaches
+    layout = GpuTopkLayout.for_rows(config.vocab_size, 1 + tree.depth, topk) if target.is_gpu \
+        else TopkLayout.for_target(config.vocab_size, gpu=False)
+    return TreeSpec(tree=tree, topk=topk, layout=layout)
 
 
 def compile_heads(request: CompileRequest) -> CompileResult:
@@ -125,7 +136,11 @@ def compile_heads(request: CompileRequest) -> CompileResult:
         params_dir / library_file_name(target.name, scheme.name, target.suffix)
     _check_output_suffix(output, target)
     tree = _resolve_tree(request, packed.model, target)
+    save_source = None if request.save_source is None else Path(request.save_source)
+    if save_source is not None:
+        check_output_dir(save_source, force=False, flag="--save-source")
     check_packed(params_dir, param_specs(packed.model, scheme),
                  against=CONFIG_FILE, fix="re-run `medusa convert`")
-    metadata = compile_library(packed.model, scheme, target, tree, output)
-    return CompileResult(output=output, seconds=time.perf_counter() - start, metadata=metadata)
+    metadata = compile_library(packed.model, scheme, target, tree, output, save_source)
+    return CompileResult(output=output, seconds=time.perf_counter() - start, metadata=metadata,
+                         save_source=save_source)

@@ -9,11 +9,16 @@ from pathlib import Path
 from ..checkpoint.files import Checkpoint, read_config_hints
 from ..checkpoint.layouts import BASE_LM_HEAD_NAMES
 from ..checkpoint.plan import config_disagreements, plan_conversion
+from ..devices import gpu_bandwidth_gbps
+from ..errors import InputError
 from ..library import SHARED_LIBRARY_SUFFIXES, SYSTEM_LIBRARY_SUFFIX, read_library_metadata
 from ..packed.config import CONFIG_FILE, read_packed_config
 from ..packed.tensor_cache import TENSOR_CACHE_FILE, read_tensor_cache
 from ..quantization import get_scheme
 from ..spec import param_count
+
+# The GPU of the roofline when --kernels is given without --gpu.
+DEFAULT_ROOFLINE_GPU = "h100"
 
 
 @dataclasses.dataclass
@@ -33,6 +38,10 @@ class InspectReport:
     ignored_tensors: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
     extra: dict = dataclasses.field(default_factory=dict)
+    # a library's kernel report (LibraryMetadata.kernels), with --kernels
+    kernels: list[dict] | None = None
+    # a library's roofline at a GPU's published bandwidth, with --kernels or --gpu
+    roofline: dict | None = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -90,9 +99,21 @@ def inspect_packed(path: Path) -> InspectReport:
     )
 
 
-def inspect_library(path: Path, load: bool = False) -> InspectReport:
+def roofline(params_bytes: int, gpu: str) -> dict:
+    """get_logits' floor on `gpu`: every parameter read once per call (batch 1 to 8), at the
+    GPU's published bandwidth (devices.GPU_BANDWIDTH_GBPS)."""
+    bandwidth = gpu_bandwidth_gbps(gpu)
+    return {"gpu": gpu.lower(), "bandwidth_gbps": bandwidth, "bytes_per_call": params_bytes,
+            "predicted_ms": params_bytes / (bandwidth * 1e9) * 1e3}
+
+
+def inspect_library(path: Path, load: bool = False, kernels: bool = False,
+                    gpu: str | None = None) -> InspectReport:
     """A library's metadata, read from the file; load=True lets a library without our metadata
-    be loaded to ask its _metadata function (which runs its code)."""
+    be loaded to ask its _metadata function (which runs its code). kernels: its kernel report;
+    with it or a `gpu` name, the roofline at that GPU's bandwidth (h100 by default)."""
+    if gpu is not None:
+        gpu_bandwidth_gbps(gpu)  # an unknown name is an error before anything is read
     meta = read_library_metadata(path, load=load)
     model = meta.config
     return InspectReport(
@@ -108,16 +129,25 @@ def inspect_library(path: Path, load: bool = False) -> InspectReport:
         param_bytes=meta.params_bytes,
         extra={"target": json.dumps(meta.target), "device code": meta.device_code,
                "max batch size": meta.max_batch_size, "params": len(meta.params)},
+        kernels=list(meta.kernels) if kernels else None,
+        roofline=roofline(meta.params_bytes, gpu or DEFAULT_ROOFLINE_GPU) if kernels or gpu else None,
     )
 
 
-def inspect_path(path: Path, load: bool = False) -> InspectReport:
+def inspect_path(path: Path, load: bool = False, kernels: bool = False,
+                 gpu: str | None = None) -> InspectReport:
     """What PATH is: a packed directory, a compiled library (.so, .dylib, .dll, .tar) or a
-    checkpoint."""
+    checkpoint. kernels / gpu apply to libraries only (InputError elsewhere)."""
     path = Path(path)
+    # a library by its name (a missing or unreadable one is reported by the library reader)
+    is_library = not path.is_dir() and path.suffix in SHARED_LIBRARY_SUFFIXES + (SYSTEM_LIBRARY_SUFFIX,)
+    if (kernels or gpu is not None) and not is_library:
+        flag = "--kernels" if kernels else "--gpu"
+        raise InputError(f"{flag}: {path} is not a compiled library; pass a .so/.dylib/.dll/.tar "
+                         "from `medusa compile`")
     if path.is_dir() and (path / TENSOR_CACHE_FILE).is_file():
         return inspect_packed(path)
-    if not path.is_dir() and path.suffix in SHARED_LIBRARY_SUFFIXES + (SYSTEM_LIBRARY_SUFFIX,):
-        return inspect_library(path, load)
+    if is_library:
+        return inspect_library(path, load, kernels, gpu)
     return inspect_checkpoint(path)
 

@@ -30,7 +30,7 @@ from ..dtypes import to_float64
 from ..errors import InputError, ParamsError
 from ..library import LibraryMetadata, read_library_metadata
 from ..packed.check import check_packed
-from ..packed.config import read_packed_config
+from ..packed.config import CONFIG_FILE, PackedConfig, read_packed_config
 from ..packed.tensor_cache import TensorCache, read_tensor_cache
 from ..quantization import QuantScheme, cast_to, get_scheme
 from ..runtime.heads import candidates_in_batches, load_heads, logits_in_batches

@@ -1,11 +1,13 @@
 """CUDA device code as a fatbin compiled by nvcc at build time, stored in the library in place of
 the CUDA source TVM 0.27 would otherwise embed (and compile with NVRTC or nvcc each time the
-library loads). The library then needs only the CUDA driver where it runs.
+library loads). The library then needs only the CUDA driver where it runs. ptxas reports each
+kernel's registers and spills as it compiles (-v), for the kernel report (kernels.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import struct
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CompileError, ToolchainError
+from .kernels import KernelUsage
 
 
 @contextlib.contextmanager
@@ -61,12 +64,44 @@ def _gencode_flags(arches: tuple[str, ...]) -> list[str]:
     return flags
 
 
-def compile_cuda_fatbin(source: str, arches: tuple[str, ...], workdir: Path) -> bytes:
-    """CUDA C++ source -> fatbin bytes, with nvcc."""
+@dataclasses.dataclass(frozen=True)
+class CudaBinary:
+    fatbin: bytes
+    # __global__ function name -> what ptxas reported for it
+    usage: dict[str, KernelUsage]
+
+
+# ptxas -v, per kernel and arch: "Compiling entry function 'f' for 'sm_90'", then
+# "N bytes stack frame, N bytes spill stores, N bytes spill loads", then "Used N registers".
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_usage(log: str) -> dict[str, KernelUsage]:
+    """Kernel name -> registers and spill bytes from ptxas -v output, the most over the arches."""
+    usage: dict[str, KernelUsage] = {}
+    name, spills = None, 0
+    for line in log.splitlines():
+        if entry := _PTXAS_ENTRY.search(line):
+            name, spills = entry.group(1), 0
+        elif name and (spill := _PTXAS_SPILLS.search(line)):
+            spills = int(spill.group(1)) + int(spill.group(2))
+        elif name and (registers := _PTXAS_REGISTERS.search(line)):
+            seen = usage.get(name, KernelUsage(0, 0))
+            usage[name] = KernelUsage(max(seen.registers, int(registers.group(1))),
+                                      max(seen.spill_bytes, spills))
+            name = None
+    return usage
+
+
+def compile_cuda_fatbin(source: str, arches: tuple[str, ...], workdir: Path) -> CudaBinary:
+    """CUDA C++ source -> fatbin bytes and ptxas's report of each kernel, with nvcc."""
     src = workdir / "medusa_kernels.cu"
     out = workdir / "medusa_kernels.fatbin"
     src.write_text(source)
-    cmd = ["nvcc", "--fatbin", *_gencode_flags(arches), *_NVCC_FLAGS, "-o", str(out), str(src)]
+    cmd = ["nvcc", "--fatbin", *_gencode_flags(arches), *_NVCC_FLAGS, "-Xptxas", "-v",
+           "-o", str(out), str(src)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -78,7 +113,7 @@ def compile_cuda_fatbin(source: str, arches: tuple[str, ...], workdir: Path) -> 
             f"nvcc failed to compile the CUDA kernels for {','.join(arches)}: {detail.strip()} "
             "(is --arch supported by this CUDA toolkit?)"
         )
-    return out.read_bytes()
+    return CudaBinary(out.read_bytes(), parse_ptxas_usage(proc.stdout + proc.stderr))
 
 
 def _u64(value: int) -> bytes:
@@ -150,6 +185,11 @@ def patch_cuda_library_bin(blob: bytes, binaries: dict[bytes, bytes]) -> bytes:
     return _u64(len(body)) + body
 
 
+def cuda_sources(module) -> list[str]:
+    """The CUDA source of every CUDA module `module` imports (a built library: one, usually)."""
+    return [cuda_module.inspect_source("cuda") for cuda_module in _cuda_modules(module)]
+
+
 def _cuda_modules(module) -> list:
     found, stack, seen = [], [module], set()
     while stack:
@@ -169,16 +209,17 @@ def _c_byte_array(data: bytes) -> str:
     return ",\n".join(",".join(hex_bytes[i:i + 24]) for i in range(0, len(hex_bytes), 24))
 
 
-def fatbin_pack_imports(arches: tuple[str, ...]):
-    """An export_library fpack_imports that packs the imports as TVM does, CUDA as fatbin."""
+def fatbin_pack_imports(arches: tuple[str, ...], compiled: dict[bytes, bytes] | None = None):
+    """An export_library fpack_imports that packs the imports as TVM does, CUDA as fatbin.
+    compiled: CUDA source -> fatbin already compiled (compile_cuda_fatbin); others are compiled."""
     import tvm
 
     def pack(module, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
         workdir = Path(workspace_dir)
-        binaries = {}
-        for cuda_module in _cuda_modules(module):
-            source = cuda_module.inspect_source("cuda")
-            binaries[source.encode()] = compile_cuda_fatbin(source, arches, workdir)
+        binaries = dict(compiled or {})
+        for source in cuda_sources(module):
+            if source.encode() not in binaries:
+                binaries[source.encode()] = compile_cuda_fatbin(source, arches, workdir).fatbin
         blob = bytes(tvm.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy())
         patched = patch_cuda_library_bin(blob, binaries)
         # TVM's own C text gives the symbol name and the system-lib registration; swap its array.
