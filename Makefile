@@ -43,7 +43,7 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
-# Benchmarks at the vicuna-7b shape, written to BENCHMARKS.md; see README "Measurements".
+# Benchmarks at the vicuna-7b shape, written to BENCHMARKS.md; see README "Benchmarks".
 bench: setup
 	$(BIN)/python tools/bench_suite.py --preset vicuna-7b --output BENCHMARKS.md
 

@@ -226,12 +226,11 @@ def example(
     err.print(
         f"[green]wrote[/] {result.output}: {result.layout} layout, preset {result.preset} "
         f"({c.medusa_num_heads} heads x {c.medusa_num_layers} layers, hidden {c.hidden_size}, "
-        f"vocab {c.vocab_size}), {len(result.files)} files, {_human_bytes(result.total_bytes)}"
-    )
+        f"vocab {c.vocab_size}), {len(result.files)} files, {_human_bytes(result.total_bytes)}", soft_wrap=True)
     if result.eval_set is not None:
         top1 = ", ".join(f"{row[0]:.2f}" for row in result.designed_accuracy)
         err.print(f"[green]wrote[/] {escape(str(result.eval_set))}: {result.eval_positions} "
-                  f"positions; designed top-1 accuracy per head {top1}", highlight=False)
+                  f"positions; designed top-1 accuracy per head {top1}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +284,7 @@ def inspect(
         r = report.roofline
         err.print(f"roofline: {_human_bytes(r['bytes_per_call'])} of parameters per get_logits "
                   f"call; at the {r['gpu']}'s {r['bandwidth_gbps'] / 1000:g} TB/s, "
-                  f"{r['predicted_ms']:.3g} ms", highlight=False)
+                  f"{r['predicted_ms']:.3g} ms", highlight=False, soft_wrap=True)
     for warning in report.warnings:
         _warn(warning)
 
@@ -357,8 +356,7 @@ def convert(
         f"{c.medusa_num_heads} heads x {c.medusa_num_layers} layers, hidden {c.hidden_size}, "
         f"vocab {c.vocab_size}, {result.quantization}, {result.num_tensors} tensors in "
         f"{result.num_shards} shards, {_human_bytes(result.param_bytes)} in {result.seconds:.1f} s",
-        highlight=False,
-    )
+        highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,10 +511,10 @@ def eval_command(
         table.add_row(*cells)
     err.print(table)
     if result.source is not None:
-        err.print(f"oracle: {escape(f'{result.source.kind} {result.source.path}')}", highlight=False)
+        err.print(f"oracle: {escape(f'{result.source.kind} {result.source.path}')}", highlight=False, soft_wrap=True)
     written = [str(p) for p in (result.output, result.ranks_file, result.plot) if p is not None]
     if written:
-        err.print(f"[green]wrote[/] {escape(', '.join(written))}", highlight=False)
+        err.print(f"[green]wrote[/] {escape(', '.join(written))}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,12 +586,12 @@ def tree_search_command(
         table.add_row(*cells)
     err.print(table)
     if measured:
-        err.print(f"measured on {result.positions:,} positions of {escape(str(ranks))}", highlight=False)
+        err.print(f"measured on {result.positions:,} positions of {escape(str(ranks))}", highlight=False, soft_wrap=True)
     written = [str(p) for p in (result.output, result.plot) if p is not None]
     if written:
         err.print(f"[green]wrote[/] {escape(', '.join(written))} (compile with --tree "
                   f"{escape(str(result.output or ''))} --topk {result.topk})" if result.output
-                  else f"[green]wrote[/] {escape(', '.join(written))}", highlight=False)
+                  else f"[green]wrote[/] {escape(', '.join(written))}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,10 +637,9 @@ def compile_command(
         f"[green]compiled[/] {params_dir} -> {result.output}: {result.metadata.quantization}, target "
         f"{result.metadata.target_name}, max batch {result.metadata.max_batch_size}, "
         f"{_human_bytes(result.output.stat().st_size)} in {result.seconds:.1f} s",
-        highlight=False,
-    )
+        highlight=False, soft_wrap=True)
     if result.save_source is not None:
-        err.print(f"[green]source[/] in {result.save_source}", highlight=False)
+        err.print(f"[green]source[/] in {result.save_source}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,12 +737,11 @@ def verify(
                     f"[{colour}]tree {escape(t.name)}[/]: {t.nodes} nodes; candidates vs oracle per depth "
                     f"{agreement}{' (exact required)' if t.oracle_exact_required else ''}; "
                     f"{t.self_mismatches} differ from the library's own logits",
-                    highlight=False,
-                )
+                    highlight=False, soft_wrap=True)
         if report.passed and not json_out:
             source_words = escape(f"{report.source.kind} {report.source.path}")
             err.print(f"[green]verified[/] {len(report.heads)} heads against {source_words}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         report.raise_for_verdict()
 
 
@@ -793,8 +789,7 @@ def run(
     err.print(
         f"[green]wrote[/] {result.output}: {result.num_heads} heads x batch {result.batch} x vocab "
         f"{result.vocab_size}{top} in {result.seconds:.2f} s",
-        highlight=False,
-    )
+        highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -871,7 +866,7 @@ def _parse_batches(text: str) -> tuple[int, ...]:
         "Times get_logits on inputs already on the device, up to the device's completion "
         "(warm-up, then median and p10-p90 of --repeat runs) and reports the effective GB/s of "
         "weight bytes read, the ratio to the memory-bandwidth floor (weight bytes / bandwidth "
-        "measured in the same run: summing a buffer on a CPU, a device-to-device copy on a GPU) "
+        "measured in the same run: reading a buffer on a CPU, a device-to-device copy on a GPU) "
         "and to numpy computing the same heads in float32 on the host, timed back to back with "
         "the library. With a tree, also the cost of get_tree_candidates. TVM's CPU threads: all "
         "cores; set TVM_NUM_THREADS to change.\n\n"
@@ -923,9 +918,8 @@ def bench(
             f"tree batch {t.batch}: get_tree_candidates {t.get_tree_candidates * 1e3:.2f} ms vs "
             f"get_logits {t.get_logits * 1e3:.2f} ms; top-k and gathers add "
             f"{t.candidates_cost * 1e3:.2f} ms",
-            highlight=False,
-        )
-    err.print(f"machine: {escape(report.machine)}", highlight=False)
+            highlight=False, soft_wrap=True)
+    err.print(f"machine: {escape(report.machine)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

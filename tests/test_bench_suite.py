@@ -12,7 +12,7 @@ from tools import bench_suite
 
 def test_tiny_suite_with_verify(tmp_path):
     text = bench_suite.run_suite("tiny", ["q4f16_1"], (1, 3), 2, "cpu", tmp_path, verify=True)
-    assert "Bandwidth measured in the same run (summing a buffer (numpy))" in text
+    assert "Bandwidth measured in the same run (reading a buffer (numpy sum, max, dot))" in text
     rows = [line for line in text.splitlines() if line.startswith("| q4f16_1 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "3"]
     for row in rows:

@@ -130,7 +130,7 @@ def test_bench_reports_rows_and_tree_cost(built):
         assert row["effective_gbps"] == pytest.approx(weight_bytes / (row["median_ms"] / 1e3) / 1e9)
         assert row["time_vs_numpy"] == pytest.approx(row["median_ms"] / row["numpy_median_ms"])
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
-    assert report["bandwidth_gbps"] > 0 and report["bandwidth_method"] == "summing a buffer (numpy)"
+    assert report["bandwidth_gbps"] > 0 and report["bandwidth_method"] == "reading a buffer (numpy sum, max, dot)"
     assert [t["batch"] for t in report["tree"]] == [1, 3] and report["tree"][0]["tree_depth"] == 3
 
 
