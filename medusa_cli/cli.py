@@ -852,13 +852,7 @@ def build(
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        batches = ()
-    if not batches:
-        raise InputError(f"--batch {text!r}: expected comma-separated integers such as 1,4,8")
-    return batches
+    return _parse_ints(text, "--batch", "1,4,8")
 
 
 @app.command(

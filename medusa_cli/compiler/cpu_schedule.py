@@ -43,6 +43,7 @@ from ..errors import CompileError
 from ..quantization import get_scheme
 from ..spec import MedusaConfig
 from .model import MedusaModel
+from .prim_funcs import rewrite_prim_funcs
 
 # The largest batch tile: it repeats batch // MAX_TILE times, then one tile of the remaining
 # batch % MAX_TILE rows runs. Each tile size is its own copy of the kernel.
@@ -341,18 +342,7 @@ def schedule_cpu_kernels(mod: tvm.IRModule,
     A target of another kind returns `mod` unchanged."""
     if target is not None and target.kind.name != "llvm":
         return mod
-    updates = {}
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
-            scheduled = schedule_gemv_func(func)
-            if scheduled is not None:
-                updates[gvar] = scheduled
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return rewrite_prim_funcs(mod, schedule_gemv_func)
 
 
 @tvm.transform.module_pass(opt_level=0, name="medusa.ScheduleCPUKernels")

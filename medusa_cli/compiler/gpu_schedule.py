@@ -46,6 +46,7 @@ from tvm.s_tir import Schedule, ScheduleError
 from .cpu_schedule import find_gemvs
 from .kernels import SCHEDULE_ATTR
 from .model import WEIGHT_STAGE
+from .prim_funcs import rewrite_prim_funcs
 
 # Batch rows one pass over W serves: batches up to this read W once per call.
 MAX_TILE = 8
@@ -240,18 +241,7 @@ def _skip_padded_rows(sch: Schedule, name: str, plan: GemvPlan, batch) -> tirx.P
 def schedule_gpu_kernels(mod: tvm.IRModule) -> tvm.IRModule:
     """Schedule every GEMV PrimFunc of `mod` (a GPU build of model.py, after FuseTIR) as
     described above; other functions are left for dlight's rules."""
-    updates = {}
-    for gvar, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
-            scheduled = schedule_gemv_func(func)
-            if scheduled is not None:
-                updates[gvar] = scheduled
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return rewrite_prim_funcs(mod, schedule_gemv_func)
 
 
 @tvm.transform.module_pass(opt_level=0, name="medusa.ScheduleGPUKernels")
