@@ -54,3 +54,21 @@ def check_packed_dir(params_dir: Path) -> None:
     packed = read_packed_config(params_dir)
     check_packed(params_dir, param_specs(packed.model, get_scheme(packed.quantization)),
                  against="mlc-chat-config.json", fix="-", md5=True)
+
+
+def hard_topk_rows(vocab: int) -> np.ndarray:
+    """Rows that stress a top-k kernel: heavy ties, ascending (every element enters),
+    descending, half -inf, all -inf, all zero, some NaN, and -0.0 and +0.0 alternating (equal as
+    floats, so ids decide)."""
+    rng = np.random.default_rng(vocab)
+    rows = [
+        np.round(rng.standard_normal(vocab) * 2) / 2,
+        np.arange(vocab, dtype=np.float64),
+        -np.arange(vocab, dtype=np.float64),
+        np.where(rng.random(vocab) < 0.5, -np.inf, rng.standard_normal(vocab)),
+        np.full(vocab, -np.inf),
+        np.zeros(vocab),
+        np.where(np.arange(vocab) % 7 == 3, np.nan, rng.standard_normal(vocab)),
+        np.where(np.arange(vocab) % 2 == 0, -0.0, 0.0),
+    ]
+    return np.stack(rows).astype(np.float32)

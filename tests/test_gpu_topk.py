@@ -21,6 +21,7 @@ from medusa_cli.compiler.targets import resolve_target
 from medusa_cli.compiler.topk import MISSING_ID
 from medusa_cli.runtime.heads import load_heads
 from medusa_cli.trees import build_buffers, generate_candidates, load_tree
+from tests.conftest import hard_topk_rows
 from tests._params import make_params_dir, random_hidden, tiny_config
 
 
@@ -39,21 +40,6 @@ def _run(layout: GpuTopkLayout, k: int, logits: np.ndarray) -> np.ndarray:
     return out.numpy()
 
 
-def _hard_rows(vocab: int) -> np.ndarray:
-    """Heavy ties, ascending, descending, half -inf, all -inf, all zero, some NaN, and -0.0 and
-    +0.0 alternating (equal as floats, so ids decide)."""
-    rng = np.random.default_rng(vocab)
-    rows = [
-        np.round(rng.standard_normal(vocab) * 2) / 2,
-        np.arange(vocab, dtype=np.float64),
-        -np.arange(vocab, dtype=np.float64),
-        np.where(rng.random(vocab) < 0.5, -np.inf, rng.standard_normal(vocab)),
-        np.full(vocab, -np.inf),
-        np.zeros(vocab),
-        np.where(np.arange(vocab) % 7 == 3, np.nan, rng.standard_normal(vocab)),
-        np.where(np.arange(vocab) % 2 == 0, -0.0, 0.0),
-    ]
-    return np.stack(rows).astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +53,7 @@ def _hard_rows(vocab: int) -> np.ndarray:
 )
 def test_kernels_match_a_stable_sort(vocab, rows_at_batch_1, k):
     layout = GpuTopkLayout.for_rows(vocab, rows_at_batch_1, k)
-    logits = _hard_rows(vocab)
+    logits = hard_topk_rows(vocab)
     want = np.argsort(-logits.astype(np.float64), axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(_run(layout, k, logits), want)
 

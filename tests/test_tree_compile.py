@@ -23,6 +23,7 @@ from medusa_cli.runtime.heads import load_heads
 from medusa_cli.packed.tensor_cache import write_tensor_cache
 from medusa_cli.compiler.topk import MAX_TOPK, MISSING_ID, TopkLayout, chunk_kernel, merge_kernel
 from medusa_cli.trees import MedusaTree, build_buffers, generate_candidates, load_tree, validate_paths
+from tests.conftest import hard_topk_rows
 from tests._params import (
     TinyParams,
     make_params_dir,
@@ -266,20 +267,6 @@ def _run_topk(layout: TopkLayout, k: int, logits: np.ndarray) -> np.ndarray:
     return out.numpy()
 
 
-def _hard_rows(vocab: int) -> np.ndarray:
-    """Rows that stress a streaming top-k: heavy ties, ascending (every element enters),
-    descending, -inf, all equal, and a few NaN."""
-    rng = np.random.default_rng(vocab)
-    rows = [
-        np.round(rng.standard_normal(vocab) * 2) / 2,
-        np.arange(vocab, dtype=np.float64),
-        -np.arange(vocab, dtype=np.float64),
-        np.where(rng.random(vocab) < 0.5, -np.inf, rng.standard_normal(vocab)),
-        np.full(vocab, -np.inf),
-        np.zeros(vocab),
-        np.where(np.arange(vocab) % 7 == 3, np.nan, rng.standard_normal(vocab)),
-    ]
-    return np.stack(rows).astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +281,7 @@ def _hard_rows(vocab: int) -> np.ndarray:
 )
 @pytest.mark.parametrize("k", [1, 7])
 def test_topk_kernels_match_a_stable_sort(vocab, chunks, interleaved, k):
-    logits = _hard_rows(vocab)
+    logits = hard_topk_rows(vocab)
     got = _run_topk(TopkLayout(vocab=vocab, chunks=chunks, interleaved=interleaved, gpu=False), k, logits)
     # numpy: stable argsort of -logits (NaN last), as tree.generate_candidates ranks
     want = np.argsort(-logits.astype(np.float64), axis=1, kind="stable")[:, :k]

@@ -335,30 +335,24 @@ def _gather_tree_rows(top: te.Tensor, tree_indices: te.Tensor, retrieve_indices:
         rank = tirx.Select(index == zero, zero, (index - 1) % topk)
         return top[head * batch + b, rank]
 
-    (nodes,) = tree_indices.shape
-    leaves, columns = retrieve_indices.shape
-    tree = te.compute((batch, nodes), lambda b, n: candidate(b, tree_indices[n]),
-                      name="tree_candidates")
-    cart = te.compute(
-        (batch, leaves, columns),
-        lambda b, r, d: tirx.Select(
-            retrieve_indices[r, d] < 0,
-            tirx.const(0, "int32"),
-            tree[b, tirx.max(retrieve_indices[r, d], 0)],
-        ),
-        name="cart_candidates",
-    )
-    return [tree, cart]
+    return _gathers(batch, candidate, tree_indices, retrieve_indices)
 
 
 def _gather_tree(candidates: te.Tensor, tree_indices: te.Tensor, retrieve_indices: te.Tensor):
     """generate_candidates' two gathers: candidates [batch, 1 + heads * topk] ->
     (tree_candidates [batch, L], cart_candidates [batch, leaves, depth + 1]); the -1 padding of
     retrieve_indices reads token 0."""
-    batch = candidates.shape[0]
+    return _gathers(candidates.shape[0], lambda b, index: candidates[b, index], tree_indices,
+                    retrieve_indices)
+
+
+def _gathers(batch, candidate, tree_indices: te.Tensor, retrieve_indices: te.Tensor):
+    """tree_candidates [batch, L] (node n of row b is candidate(b, tree_indices[n])) and
+    cart_candidates [batch, leaves, depth + 1] gathered from it, -1 padding reading token 0."""
     (nodes,) = tree_indices.shape
     leaves, columns = retrieve_indices.shape
-    tree = te.compute((batch, nodes), lambda b, n: candidates[b, tree_indices[n]], name="tree_candidates")
+    tree = te.compute((batch, nodes), lambda b, n: candidate(b, tree_indices[n]),
+                      name="tree_candidates")
     cart = te.compute(
         (batch, leaves, columns),
         lambda b, r, d: tirx.Select(
