@@ -32,7 +32,7 @@ from rich.table import Table
 
 from ._version import __version__
 from .errors import InputError, MedusaError
-from .spec import DEFAULT_MAX_BATCH_SIZE
+from .batch import DEFAULT_MAX_BATCH_SIZE
 
 app = typer.Typer(
     name="medusa",

@@ -17,12 +17,8 @@ import dataclasses
 from typing import Any, NamedTuple
 
 from .errors import InputError
+from .batch import DEFAULT_MAX_BATCH_SIZE, MAX_BATCH_SIZE  # noqa: F401 (part of the contract)
 from .quantization import QuantScheme, quantized_names
-
-# The largest batch a library plans its memory for unless `medusa convert --max-batch-size`
-# says otherwise. Written to mlc-chat-config.json, whose value `medusa compile` builds for.
-DEFAULT_MAX_BATCH_SIZE = 8
-MAX_BATCH_SIZE = 1 << 16
 
 # Bounds on what a config may claim, far above any published Medusa model (vicuna-33b: 5 heads x
 # 1 layer, hidden 6656, vocab 32000; Llama 3: vocab 128256), so a hostile or corrupt file cannot

@@ -234,6 +234,7 @@ def test_python_api_is_importable_without_loading_tvm_up_front():
     code = (
         "import sys, medusa_cli, medusa_cli.cli\n"
         "assert 'tvm' not in sys.modules, 'importing the CLI loaded TVM'\n"
+        "assert 'numpy' not in sys.modules, 'importing the CLI loaded numpy (medusa --help waits)'\n"
         "from medusa_cli import load_heads, verify_heads, convert_checkpoint, compile_heads, "
         "build_heads, run_heads, VerifyRequest\n"
         "from medusa_cli.runtime.heads import load_heads as direct\n"

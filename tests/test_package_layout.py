@@ -17,7 +17,7 @@ PACKAGE = Path(medusa_cli.__file__).parent
 
 # unit -> rank, lowest first: the data path, then the commands and the CLI on top
 RANKS = {
-    "_version": 0, "errors": 0,
+    "_version": 0, "errors": 0, "batch": 0,
     "dtypes": 1, "resources": 1, "outputs": 1, "devices": 1, "plots": 1,
     "quantization": 2,
     "spec": 3, "trees": 3,
