@@ -95,10 +95,15 @@ def read_index(index_path: Path) -> dict[str, Path]:
     return shards
 
 
-def discover_weight_files(src: Path) -> tuple[list[Path], Path | None]:
+def _indexed(index: Path) -> tuple[list[Path], Path, dict[str, Path]]:
+    weight_map = read_index(index)
+    return list(dict.fromkeys(weight_map.values())), index, weight_map
+
+
+def discover_weight_files(src: Path) -> tuple[list[Path], Path | None, dict[str, Path]]:
     """The weight files of a checkpoint (a single file, an index's shards, or a directory's
-    files) and the index they came from, if any. Safetensors are preferred over PyTorch files
-    when a directory holds both."""
+    files), and the index they came from with its weight_map (None and {} without one).
+    Safetensors are preferred over PyTorch files when a directory holds both."""
     src = Path(src)
     try:
         mode = os.stat(src).st_mode
@@ -108,19 +113,19 @@ def discover_weight_files(src: Path) -> tuple[list[Path], Path | None]:
         raise CheckpointError(f"{src}: cannot read it ({exc.strerror})") from None
     if stat.S_ISREG(mode):
         if src.name.endswith(".index.json"):
-            return list(dict.fromkeys(read_index(src).values())), src
-        return [src], None
+            return _indexed(src)
+        return [src], None, {}
     if not stat.S_ISDIR(mode):
         raise CheckpointError(f"{src}: neither a regular file nor a directory; pass a checkpoint "
                               "directory, a weights file or a shard index")
     for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.pt.index.json"):
         indexes = sorted(src.glob(pattern))
         if indexes:
-            return list(dict.fromkeys(read_index(indexes[0]).values())), indexes[0]
+            return _indexed(indexes[0])
     for suffixes in (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES):
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(suffixes))
         if files:
-            return files, None
+            return files, None, {}
     raise CheckpointError(
         f"{src}: no weights found (looked for *.safetensors, *.pt, *.pth, *.bin and shard indexes)"
     )
@@ -159,7 +164,7 @@ class Checkpoint:
 
     def __init__(self, src: Path):
         self.src = Path(src)
-        self.files, index = discover_weight_files(self.src)
+        self.files, index, weight_map = discover_weight_files(self.src)
         self._readers = []
         self._where: dict[str, Any] = {}
         try:
@@ -173,14 +178,14 @@ class Checkpoint:
                         )
                     self._where[name] = reader
             if index is not None:
-                self._check_index(index)
+                self._check_index(index, weight_map)
         except BaseException:
             self.close()
             raise
 
-    def _check_index(self, index: Path) -> None:
+    def _check_index(self, index: Path, weight_map: dict[str, Path]) -> None:
         """Every tensor the index names is in the shard it names."""
-        for name, shard in read_index(index).items():
+        for name, shard in weight_map.items():
             reader = self._where.get(name)
             if reader is None or reader.path != shard:
                 where = "in no shard" if reader is None else f"in {reader.path.name}"
