@@ -135,27 +135,26 @@ def _human_bytes(n: float) -> str:
 
 
 @contextlib.contextmanager
-def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar in bytes on stderr, where stderr is a terminal (a CI log gets no
-    bar and no blank lines); yields update(done, total)."""
+def _progress(description: str, *columns) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr with `columns` between the bar and the time left, where
+    stderr is a terminal (a CI log gets no bar and no blank lines); yields update(done, total)."""
     if not err.is_terminal:
         yield lambda done, total: None
         return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+                  console=err, transient=True) as progress:
         task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
 
-        yield update
+def _byte_progress(description: str):
+    """Progress in bytes, with the transfer speed."""
+    return _progress(description, DownloadColumn(), TransferSpeedColumn())
+
+
+def _count_progress(description: str, unit: str):
+    """Progress counting `unit`s."""
+    return _progress(description, TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit))
 
 
 class _NoStatus:
@@ -420,25 +419,6 @@ def tree(
 
 # ---------------------------------------------------------------------------------------------
 # medusa eval
-
-
-@contextlib.contextmanager
-def _count_progress(description: str, unit: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar counting `unit`s on stderr, where stderr is a terminal; yields
-    update(done, total)."""
-    if not err.is_terminal:
-        yield lambda done, total: None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def _percent(value: float) -> str:
