@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -154,7 +155,8 @@ def _byte_progress(description: str):
 
 def _count_progress(description: str, unit: str):
     """Progress counting `unit`s."""
-    return _progress(description, TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit))
+    # MofNCompleteColumn shows "?" while the total is unknown (a format string would fail on None)
+    return _progress(description, MofNCompleteColumn(), TextColumn(unit))
 
 
 class _NoStatus:

@@ -126,3 +126,25 @@ def test_tree_command_rejects_an_invalid_tree(tmp_path: Path):
     assert result.exit_code == 2
     assert "[2, 0]" in result.stderr and "[2]" in result.stderr
     assert not out.exists()
+
+
+def test_progress_bars_render_on_a_terminal(monkeypatch):
+    """Under the test runner stderr is no terminal and the bars are skipped; on one they must
+    render, also before the total is known (a count column once failed on total None)."""
+    import io
+
+    from rich.console import Console
+
+    from medusa_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=100))
+    with cli._byte_progress("converting") as update:
+        update(0, 0)
+        update(512, 1024)
+    with cli._count_progress("evaluating", "positions") as update:
+        update(3, 10)
+        update(10, 10)
+    with cli._status("compiling") as status:
+        status.update("still compiling")
+    assert "positions" in screen.getvalue() and "converting" in screen.getvalue()
